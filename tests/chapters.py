@@ -1,0 +1,60 @@
+"""Find the book's chapters from _toc.yml and execute one, as the book build does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toc_files(toc_path: Path = ROOT / "_toc.yml") -> list[Path]:
+    """Every source file named in the table of contents, root first, in reading order."""
+    toc = yaml.safe_load(toc_path.read_text())
+    names = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                names.append(entry["file"])
+            walk(entry.get("sections"))
+            walk(entry.get("chapters"))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    walk(toc.get("chapters"))
+    paths = []
+    for name in names:
+        matches = [ROOT / f"{name}{ext}" for ext in (".md", ".ipynb") if (ROOT / f"{name}{ext}").exists()]
+        if not matches:
+            raise FileNotFoundError(f"_toc.yml names {name!r} but no .md or .ipynb file exists")
+        paths.append(matches[0])
+    return paths
+
+
+def is_notebook(path: Path) -> bool:
+    """A MyST file is a notebook when its front matter carries a jupytext/kernelspec header."""
+    if path.suffix == ".ipynb":
+        return True
+    head = path.read_text().split("\n---", 1)[0]
+    return path.read_text().startswith("---") and "kernelspec" in head
+
+
+def execute_chapter(path: Path, timeout: int = 900):
+    """Run every cell of a chapter in a fresh kernel; raises CellExecutionError on the first failure."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    nb = jupytext.read(path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    # nbclient passes extra kwargs to the kernel manager's start_kernel (the kernel's environment).
+    client.execute(env=env)
+    return nb

@@ -9,11 +9,13 @@
   let markReady;
   const ready = new Promise((resolve) => { markReady = resolve; });
   const hub = {
+    // Like MathJax 2's queue, jobs run one after another; `promise` settles when all are done.
+    promise: ready,
     Queue(...jobs) {
       for (const job of jobs) {
         if (Array.isArray(job) && job[0] === "Typeset") {
           const element = job[2];
-          ready
+          hub.promise = hub.promise
             .then(() => window.MathJax.typesetPromise(element ? [element] : undefined))
             .catch((err) => console.error("MathJax typeset failed:", err));
         }

@@ -206,3 +206,89 @@ def test_fresh_process_turns_the_interpreter_on():
     run = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# --- roofline -------------------------------------------------------------------------------
+
+
+def test_roofline_ridge_tokens():
+    from moe_lab.kernels.roofline import (
+        H100_SXM,
+        DevicePeaks,
+        arithmetic_intensity,
+        attainable_flops,
+        compute_bound_tokens,
+    )
+
+    k, m = 4096, 14336
+    t = compute_bound_tokens(k, m, H100_SXM)
+    assert arithmetic_intensity(t, k, m) == pytest.approx(H100_SXM.ridge, rel=1e-9)
+    assert attainable_flops(arithmetic_intensity(t / 2, k, m), H100_SXM) < H100_SXM.flops_per_s
+    assert attainable_flops(arithmetic_intensity(2 * t, k, m), H100_SXM) == H100_SXM.flops_per_s
+    assert arithmetic_intensity(1, k, m) == pytest.approx(1.0, rel=1e-3)  # about 2 t / b, b = 2
+    tiny = DevicePeaks(name="tiny", flops_per_s=1e15, bytes_per_s=1e9, source="none")
+    assert compute_bound_tokens(64, 64, tiny) == float("inf")  # the ridge is out of reach
+    with pytest.raises(ValueError, match="bytes_per_s must be a positive number"):
+        DevicePeaks(name="bad", flops_per_s=1e12, bytes_per_s=0, source="none")
+
+
+# --- benchmark script, run on CPU with a stand-in for CUDA events ----------------------------
+
+
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_triton",
+                                                  ROOT / "benchmarks" / "bench_triton.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+class _WallClockEvent:
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_bench_timing_path_and_result_files(tmp_path, monkeypatch):
+    from moe_lab.kernels.results import load_results, results_table
+
+    bench = _load_bench()
+    monkeypatch.setattr(bench, "SHAPES", [("tiny", 16, 24, 3, 2, (10, 99))])
+    monkeypatch.setattr(torch.cuda, "Event", _WallClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = bench.run_timings(torch.device("cpu"), repeats=2, iters=1, quick=True)
+    # one token count x (up, down) x (fwd, fwd+bwd) x three variants
+    assert len(rows) == 12 and {r["variant"] for r in rows} == set(bench.VARIANTS)
+    for row in rows:
+        assert len(row["samples_ms"]) == 2 and row["tflops"] > 0
+        assert sum(row["tokens_per_expert"]) == row["N"] == 20
+        if row["variant"] == "dense":
+            assert row["vs_dense"] == 1.0
+    header = {"kind": "moe_lab.bench_triton", "device": "Fake GPU 1", "date": "2026-01-01",
+              "torch": torch.__version__, "triton": "x"}
+    path = bench.write_json(tmp_path, "triton", "Fake GPU 1", dict(header, rows=rows))
+    assert path.name == "triton_Fake_GPU_1.json"
+    bench.write_json(tmp_path, "tiles", "Fake GPU 1", {"kind": "moe_lab.tile_tuning"})
+    (loaded,) = load_results(tmp_path)
+    table = results_table(loaded, "fwd+bwd")
+    assert len(table.splitlines()) == 2 + 6
+    assert "| tiny | 10 | up (20 x 16 x 24) | triton |" in table
+
+
+def test_bench_without_gpu_checks_correctness_and_exits_0(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the script times for minutes")
+    assert _load_bench().main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "worst error / tolerance" in out and "timings need a CUDA GPU" in out
+    assert not list(tmp_path.iterdir())

@@ -292,3 +292,37 @@ def test_bench_without_gpu_checks_correctness_and_exits_0(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "worst error / tolerance" in out and "timings need a CUDA GPU" in out
     assert not list(tmp_path.iterdir())
+
+
+# --- the MoE layer with impl="triton" --------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"activation": "gelu", "top_k": 1},
+    {"capacity_factor": 0.75},  # some assignments dropped: the kernel sees uneven, short groups
+], ids=["swiglu-top2", "gelu-top1", "capacity"])
+def test_moe_triton_equals_sort(overrides):
+    from moe_lab.config import MoEConfig
+    from moe_lab.layer import MoE
+
+    torch.manual_seed(0)
+    cfg = dict(d_model=20, d_ff=36, num_experts=4, top_k=2) | overrides
+    ref = MoE(MoEConfig(impl="sort", **cfg))
+    tri = MoE(MoEConfig(impl="triton", **cfg))
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 20)
+    outs, grads = [], []
+    for moe in (ref, tri):
+        xi = x.clone().requires_grad_(True)
+        out = moe(xi)
+        (out.y * torch.linspace(-1, 1, 20)).sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in moe.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[1].y, outs[0].y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[1].tokens_per_expert, outs[0].tokens_per_expert)
+    assert outs[1].dropped == outs[0].dropped
+    assert (outs[0].dropped > 0) == ("capacity_factor" in overrides)
+    assert len(grads[1]) == len(grads[0]) >= 4
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

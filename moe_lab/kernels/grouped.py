@@ -80,9 +80,10 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> Non
         raise ValueError("x must be contiguous; call x.contiguous() first")
     if not w.is_contiguous():
         raise ValueError("w must be contiguous; call w.contiguous() first")
-    if counts.numel() and bool((counts < 0).any()):
+    # One read-back (a host sync on a GPU) for both value checks.
+    smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()
+    if smallest < 0:
         raise ValueError(f"tokens_per_expert must be non-negative, got {counts.tolist()}")
-    total = int(counts.sum()) if counts.numel() else 0
     if total != x.shape[0]:
         raise ValueError(
             f"tokens_per_expert must sum to the number of rows of x (N={x.shape[0]}), got {total}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,21 @@ def finish(ax, *, title: str, xlabel: str, ylabel: str, legend: bool = True):
     if legend and ax.get_legend_handles_labels()[0]:
         ax.legend()
     return ax
+
+
+def show(fig, dpi: int = 100) -> None:
+    """Display a finished figure as the cell's output (a PNG), then close it.
+
+    ``plt.show()`` draws nothing when the kernel runs with ``MPLBACKEND=Agg`` (the chapter runner
+    and the Makefile set it), so the figure is rendered to PNG bytes here, under any backend.
+    """
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="png"))
 
 
 def human(n: float, digits: int = 1) -> str:

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from moe_lab.viz import finish, human, text_table  # noqa: E402
+from moe_lab.viz import finish, human, show, text_table  # noqa: E402
 
 
 def test_finish_sets_title_labels_and_legend():
@@ -63,3 +63,14 @@ def test_text_table_aligns_columns():
 def test_text_table_rejects_ragged_rows():
     with pytest.raises(ValueError, match="row 1"):
         text_table(["a", "b"], [[1, 2], [3]])
+
+
+def test_show_displays_then_closes(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    fig, ax = plt.subplots()
+    show(fig)
+    assert len(shown) == 1 and shown[0].data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)

@@ -50,7 +50,8 @@ def execute_chapter(path: Path, timeout: int = 900):
     from nbclient import NotebookClient
 
     nb = jupytext.read(path)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MPLBACKEND", None)  # the kernel must use its inline backend, or figures vanish
     client = NotebookClient(
         nb,
         timeout=timeout,

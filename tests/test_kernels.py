@@ -306,7 +306,7 @@ def test_bench_without_gpu_checks_correctness_and_exits_0(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"activation": "gelu", "top_k": 1},
+    {"activation": "gelu", "top_k": 1, "normalize_weights": False},  # Switch-style top-1
     {"capacity_factor": 0.75},  # some assignments dropped: the kernel sees uneven, short groups
 ], ids=["swiglu-top2", "gelu-top1", "capacity"])
 def test_moe_triton_equals_sort(overrides):

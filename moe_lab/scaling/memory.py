@@ -114,13 +114,17 @@ def stage_memory(plan: ClusterPlan) -> list[StageMemory]:
         w = p.param_bytes * _sharded(dense_g, expert_g, plan, z >= 3)
         g = p.grad_bytes * _sharded(dense_g, expert_g, plan, z >= 2)
         o = p.optimizer_bytes * _sharded(dense_g, expert_g, plan, z >= 1)
+        mtp = last and plan.include_mtp and m.mtp_modules
         if plan.recompute == "full":
-            elems = m.d_model * len(layers) + max(per_layer[kinds[i]] for i in layers)
+            # Each in-flight micro-batch keeps every layer's input; the backward pass rebuilds
+            # one layer of one micro-batch at a time.
+            elems = m.d_model * (len(layers) + (2 * m.mtp_modules if mtp else 0))
+            rebuilt = max(per_layer[kinds[i]] for i in layers)
         else:
             elems = sum(per_layer[kinds[i]] for i in layers)
-        if last and plan.include_mtp and m.mtp_modules:
-            elems += m.mtp_modules * (per_layer["moe"] + 2 * m.d_model)
-        acts = p.act_bytes * elems * tok * (plan.pp - s)
+            elems += m.mtp_modules * (per_layer["moe"] + 2 * m.d_model) if mtp else 0
+            rebuilt = 0.0
+        acts = p.act_bytes * tok * (elems * (plan.pp - s) + rebuilt)
         if last:
             acts += 4.0 * m.vocab_size * tok  # FP32 logits of one micro-batch
         out.append(StageMemory(s, layers, w, g, o, acts))

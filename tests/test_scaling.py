@@ -301,22 +301,23 @@ def test_embedding_conventions_differ_by_one_matrix(name):
         count_params(m, active_embeddings="input")
 
 
-@pytest.mark.parametrize("name", [n for n in TINY if not TINY[n].mtp_modules])
+@pytest.mark.parametrize("name", TINY)
 def test_flops_match_torch_flop_counter(name):
     m = TINY[name]
     torch.manual_seed(0)
-    model = TinyLM(m)
+    mtp = m.mtp_modules > 0
+    model = TinyLM(m, with_mtp=mtp)
     T = 7
     ids = torch.randint(0, m.vocab_size, (T,))
     with FlopCounterMode(display=False) as fwd:
         with torch.no_grad():
             model(ids)
     assert fwd.get_total_flops() == pytest.approx(
-        T * forward_flops_per_token(m, seq_len=T, causal=False), rel=1e-12)
+        T * forward_flops_per_token(m, seq_len=T, causal=False, include_mtp=mtp), rel=1e-12)
     with FlopCounterMode(display=False) as train:
         model(ids).float().pow(2).mean().backward()
     assert train.get_total_flops() == pytest.approx(
-        T * training_flops_per_token(m, seq_len=T, causal=False), rel=1e-12)
+        T * training_flops_per_token(m, seq_len=T, causal=False, include_mtp=mtp), rel=1e-12)
 
 
 def test_causal_attention_halves_the_score_flops():
@@ -417,6 +418,17 @@ def test_expert_parallelism_divides_only_the_routed_experts():
     assert z.optimizer == pytest.approx(expected)
 
 
+def test_activation_estimate_by_hand():
+    """DENSE, one GPU: every tensor a block keeps, per token, in BF16, plus FP32 logits."""
+    d, h, kv, hd, f, L, V, T = 64, 8, 2, 8, 128, 8, 100, 256
+    attn = 2 * d + 2 * h + (2 * h + 2 * kv) * hd  # inputs, softmax stats, q, out, k, v
+    block = attn + 2 * d + 3 * f  # + FFN input, normed input, gate, up, product
+    none = memory_per_gpu(_plan(model=DENSE, seq_len=T)).activations
+    assert none == 2 * T * L * block + 4 * T * V
+    full = memory_per_gpu(_plan(model=DENSE, seq_len=T, recompute="full")).activations
+    assert full == 2 * T * (L * d + block) + 4 * T * V
+
+
 def test_activations_scale_with_batch_pipeline_and_recompute():
     a1 = memory_per_gpu(_plan(model=DENSE, micro_batch=1, seq_len=128)).activations
     a2 = memory_per_gpu(_plan(model=DENSE, micro_batch=2, seq_len=128)).activations
@@ -441,10 +453,19 @@ def test_activations_scale_with_batch_pipeline_and_recompute():
     (dict(n_gpus=0), ValueError, "n_gpus"),
     (dict(n_gpus=8, tp=1.5), TypeError, "tp"),
     (dict(n_gpus=8, max_nodes=0), ValueError, "max_nodes"),
+    (dict(n_gpus=12), ValueError, "n_gpus .*whole nodes"),
 ])
 def test_planner_rejects_impossible_plans(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         ClusterPlan(model=CATALOG["DeepSeek-V3"], **kwargs)
+
+
+def test_planner_rejects_ep_groups_that_straddle_nodes():
+    # DeepSeek-V2's 160 experts allow EP=5 or 10, but such groups cannot tile 8-GPU nodes.
+    for tp, ep in [(2, 5), (1, 5), (1, 10)]:
+        with pytest.raises(ValueError, match=r"ep \* tp .*tile the nodes"):
+            ClusterPlan(model=CATALOG["DeepSeek-V2"], n_gpus=80, tp=tp, ep=ep)
+    ClusterPlan(model=CATALOG["DeepSeek-V2"], n_gpus=80, tp=2, ep=4)  # 8 GPUs: one node
 
 
 def test_planner_rejects_ep_on_a_dense_model():

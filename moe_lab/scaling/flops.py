@@ -32,7 +32,8 @@ def active_matmul_weights(model: Architecture, *, include_mtp: bool = False) -> 
         moe += model.top_k * ffn_matmul_params(d, model.d_ff_expert, model.expert_glu)
         total += model.n_moe_layers * moe
     if include_mtp and model.mtp_modules:
-        total += model.mtp_modules * (attn + moe + 2 * d * d)
+        # Each MTP module: eh_proj (2d -> d), one MoE block, and the shared output head again.
+        total += model.mtp_modules * (attn + moe + 2 * d * d + model.vocab_size * d)
     return total
 
 
@@ -48,7 +49,9 @@ def attention_score_flops(model: Architecture, ctx: float) -> float:
     return n_attn * 2.0 * ctx * a.n_heads * (a.qk_dim + a.v_dim)
 
 
-def forward_flops_per_token(model: Architecture, *, seq_len: int, causal: bool = True) -> float:
+def forward_flops_per_token(
+    model: Architecture, *, seq_len: int, causal: bool = True, include_mtp: bool = False
+) -> float:
     """Forward FLOPs per token, averaged over a sequence of seq_len tokens.
 
     Causal attention skips masked positions: on average a token attends to (seq_len + 1) / 2
@@ -57,12 +60,19 @@ def forward_flops_per_token(model: Architecture, *, seq_len: int, causal: bool =
     """
     _check_len("seq_len", seq_len)
     ctx = (seq_len + 1) / 2 if causal else seq_len
-    return 2.0 * active_matmul_weights(model) + attention_score_flops(model, ctx)
+    mtp_layers = model.mtp_modules if include_mtp else 0
+    a = model.attention
+    mtp_attn = mtp_layers * 2.0 * ctx * a.n_heads * (a.qk_dim + a.v_dim)
+    return (2.0 * active_matmul_weights(model, include_mtp=include_mtp)
+            + attention_score_flops(model, ctx) + mtp_attn)
 
 
-def training_flops_per_token(model: Architecture, *, seq_len: int, causal: bool = True) -> float:
+def training_flops_per_token(
+    model: Architecture, *, seq_len: int, causal: bool = True, include_mtp: bool = False
+) -> float:
     """Forward + backward FLOPs per token: three times the forward pass."""
-    return 3.0 * forward_flops_per_token(model, seq_len=seq_len, causal=causal)
+    return 3.0 * forward_flops_per_token(model, seq_len=seq_len, causal=causal,
+                                         include_mtp=include_mtp)
 
 
 def decode_flops_per_token(model: Architecture, *, context_len: int) -> float:

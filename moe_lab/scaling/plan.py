@@ -111,8 +111,10 @@ class ClusterPlan:
         if (self.tp * self.dp_size) % self.ep:
             raise ValueError(f"ep ({self.ep}) must divide tp * dp "
                              f"({self.tp} * {self.dp_size}): EP groups live inside a stage")
-        if self.ep * self.tp > g and (self.ep * self.tp) % g:
-            raise ValueError(f"ep * tp ({self.ep * self.tp}) must fill whole nodes of {g}")
+        span = self.ep * self.tp  # GPUs one EP group spans (EP ranks are strided by TP)
+        if (span > g and span % g) or (span < g and g % span):
+            raise ValueError(f"ep * tp ({span}) must divide gpus_per_node ({g}) or fill whole "
+                             "nodes, so that EP groups tile the nodes")
         if self.recompute not in ("none", "full"):
             raise ValueError(f"recompute must be 'none' or 'full', got {self.recompute!r}")
         if self.max_nodes is not None:

@@ -8,7 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moe_lab-installed
 export PYTHONPATH := $(CURDIR)
-export MPLBACKEND := Agg
+# Executed chapters must use the kernel's inline backend; a forced MPLBACKEND drops their figures.
+unexport MPLBACKEND
 
 .PHONY: setup assets browser book test lint lab clean
 

@@ -27,7 +27,9 @@ def toc_files(toc_path: Path = ROOT / "_toc.yml") -> list[Path]:
     walk(toc.get("chapters"))
     paths = []
     for name in names:
-        matches = [ROOT / f"{name}{ext}" for ext in (".md", ".ipynb") if (ROOT / f"{name}{ext}").exists()]
+        matches = [
+            ROOT / f"{name}{ext}" for ext in (".md", ".ipynb") if (ROOT / f"{name}{ext}").exists()
+        ]
         if not matches:
             raise FileNotFoundError(f"_toc.yml names {name!r} but no .md or .ipynb file exists")
         paths.append(matches[0])
@@ -43,12 +45,13 @@ def is_notebook(path: Path) -> bool:
 
 
 def execute_chapter(path: Path, timeout: int = 900):
-    """Run every cell of a chapter in a fresh kernel; raises CellExecutionError on the first failure."""
+    """Run a chapter in a fresh kernel; raise CellExecutionError at the first failure."""
     import jupytext
     from nbclient import NotebookClient
 
     nb = jupytext.read(path)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MPLBACKEND", None)  # the kernel must use its inline backend, or figures vanish
     client = NotebookClient(
         nb,
         timeout=timeout,

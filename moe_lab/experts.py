@@ -1,0 +1,118 @@
+"""Expert FFNs: one dense FFN, and E of them stacked into (E, ...) weight tensors.
+
+A SwiGLU expert computes ``(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``; a GELU expert
+computes ``gelu(x @ w_up[e]) @ w_down[e]`` and has no ``w_gate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lab.config import ACTIVATIONS, check_choice, check_positive_int
+
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def grouped_mm_loop(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """Reference grouped matmul: rows of x sorted by expert, block e multiplied by w[e]."""
+    sizes = [int(c) for c in counts_E.tolist()]
+    blocks = torch.split(x_NK, sizes)
+    outs = [block @ w_EKM[e] for e, block in enumerate(blocks)]
+    if not outs:
+        return x_NK.new_zeros(0, w_EKM.shape[-1])
+    return torch.cat(outs, dim=0)  # (N, M)
+
+
+def _init(w: torch.Tensor, fan_in: int) -> None:
+    nn.init.normal_(w, mean=0.0, std=fan_in**-0.5)
+
+
+class FFN(nn.Module):
+    """The Transformer feed-forward block: one expert, as a dense layer (chapter 1)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", *, dtype=None):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("d_ff", d_ff)
+        check_choice("activation", activation, ACTIVATIONS)
+        self.activation = activation
+        kw = {"dtype": dtype}
+        self.w_gate = (
+            nn.Parameter(torch.empty(d_model, d_ff, **kw)) if activation == "swiglu" else None
+        )
+        self.w_up = nn.Parameter(torch.empty(d_model, d_ff, **kw))
+        self.w_down = nn.Parameter(torch.empty(d_ff, d_model, **kw))
+        for w in (self.w_gate, self.w_up):
+            if w is not None:
+                _init(w, d_model)
+        _init(self.w_down, d_ff)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            h_NF = F.silu(x_ND @ self.w_gate) * (x_ND @ self.w_up)
+        else:
+            h_NF = F.gelu(x_ND @ self.w_up)
+        return h_NF @ self.w_down  # (N, D)
+
+
+class Experts(nn.Module):
+    """E expert FFNs with stacked weights: w_gate, w_up (E, D, F) and w_down (E, F, D)."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", *, dtype=None
+    ):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            check_positive_int(name, value)
+        check_choice("activation", activation, ACTIVATIONS)
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        E, D, Fh = num_experts, d_model, d_ff
+        self.w_gate = (
+            nn.Parameter(torch.empty(E, D, Fh, dtype=dtype)) if activation == "swiglu" else None
+        )
+        self.w_up = nn.Parameter(torch.empty(E, D, Fh, dtype=dtype))
+        self.w_down = nn.Parameter(torch.empty(E, Fh, D, dtype=dtype))
+        for w in (self.w_gate, self.w_up):
+            if w is not None:
+                _init(w, D)
+        _init(self.w_down, Fh)
+
+    def _act(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up if self.activation == "swiglu" else F.gelu(up)
+
+    def forward_expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Run expert ``e`` on a block of tokens: (N, D) -> (N, D)."""
+        gate = x_ND @ self.w_gate[e] if self.w_gate is not None else None
+        return self._act(gate, x_ND @ self.w_up[e]) @ self.w_down[e]
+
+    def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own (C, D) slab at once, as in GShard: (E, C, D) -> (E, C, D)."""
+        gate = torch.bmm(x_ECD, self.w_gate) if self.w_gate is not None else None
+        return torch.bmm(self._act(gate, torch.bmm(x_ECD, self.w_up)), self.w_down)
+
+    def forward_sorted(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, mm: GroupedMM | None = None
+    ) -> torch.Tensor:
+        """Rows of x sorted by expert (counts_E[e] rows for expert e): (N, D) -> (N, D).
+
+        ``mm(x_NK, w_EKM, counts_E)`` is a grouped matmul (the Triton kernel for impl="triton");
+        by default each expert's block runs through ``forward_expert`` (one split, one concat).
+        """
+        if mm is not None:
+            gate = mm(x_ND, self.w_gate, counts_E) if self.w_gate is not None else None
+            h_NF = self._act(gate, mm(x_ND, self.w_up, counts_E))
+            return mm(h_NF, self.w_down, counts_E)
+        sizes = [int(c) for c in counts_E.tolist()]
+        outs = [
+            self.forward_expert(e, blk)
+            for e, blk in enumerate(torch.split(x_ND, sizes))
+            if sizes[e]
+        ]
+        return torch.cat(outs, dim=0) if outs else x_ND.new_zeros(x_ND.shape)

@@ -1,0 +1,153 @@
+"""Routing: router scores, top-k selection, noisy gating, capacity and expert-choice routing.
+
+A routing decision is a pair (weights (T, k), indices (T, k)): token t goes to experts
+indices[t] with mixing weights weights[t]. Everything downstream (dispatch, losses) reads only
+that pair, so a chapter can swap the router without touching the experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moe_lab.config import SCORES, check_capacity_factor, check_choice, check_positive_int
+
+
+def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape (tokens, num_experts), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one expert column, got {tuple(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{name} contain NaN or inf; check the router input and its weights")
+
+
+def _check_indices(indices: torch.Tensor, num_experts: int, name: str = "indices") -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {indices.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"{name} must have shape (tokens, k), got {tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_experts):
+        raise ValueError(
+            f"{name} must lie in [0, num_experts={num_experts}), "
+            f"got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
+
+
+def router_probs(logits: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """Per-expert scores in float32 or wider: softmax over experts, or independent sigmoids."""
+    check_choice("score", score, SCORES)
+    wide = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.softmax(wide, dim=-1) if score == "softmax" else torch.sigmoid(wide)
+
+
+def top_k_routing(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the k best experts per token: logits (T, E) -> (weights (T, k), indices (T, k)).
+
+    Scores are taken over all experts in float32 or wider; the top k are kept and, when
+    ``normalize``, rescaled to sum to 1. ``bias`` (E,) shifts which experts are *selected*
+    (DeepSeek-V3's auxiliary-loss-free balancing) but not the weights they get.
+    """
+    _check_logits(logits)
+    check_positive_int("k", k)
+    num_experts = logits.shape[1]
+    if k > num_experts:
+        raise ValueError(f"k must be between 1 and num_experts={num_experts}, got {k}")
+    check_choice("score", score, SCORES)
+    probs_TE = router_probs(logits, score)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,):
+            raise ValueError(f"bias must be a tensor of shape ({num_experts},)")
+        _, indices_Tk = torch.topk(probs_TE + bias.to(probs_TE.dtype), k, dim=-1)
+        weights_Tk = probs_TE.gather(1, indices_Tk)
+    else:
+        weights_Tk, indices_Tk = torch.topk(probs_TE, k, dim=-1)
+    if normalize:
+        weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return weights_Tk, indices_Tk
+
+
+def noisy_logits(
+    clean_TE: torch.Tensor, noise_std_TE: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Shazeer et al. (2017) noisy gating: clean + N(0, 1) * softplus(noise logits).
+
+    The noise lets experts that are never picked get picked now and then during training.
+    """
+    noise = torch.randn(
+        clean_TE.shape, generator=generator, dtype=clean_TE.dtype, device=clean_TE.device
+    )
+    return clean_TE + noise * F.softplus(noise_std_TE)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * top_k * num_tokens / num_experts)."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("top_k", top_k)
+    check_capacity_factor(capacity_factor)
+    if capacity_factor is None:
+        raise ValueError("capacity_factor must be a number > 0 here (None means no capacity)")
+    # Round first so that e.g. 1.1 * 2 * 100 / 4 = 55.000000000000007 gives 55, not 56.
+    return math.ceil(round(capacity_factor * top_k * num_tokens / num_experts, 9))
+
+
+def expert_positions(indices_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Queue position of each assignment in its expert, in GShard priority order: (T, k).
+
+    Every token's first choice, in token order, is queued before any second choice, and so on.
+    """
+    T, k = indices_Tk.shape
+    flat = indices_Tk.t().reshape(-1)  # (k*T,) choice-major: all first choices, then seconds
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first queue slot of each expert
+    pos_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    pos = torch.empty_like(flat)
+    pos[order] = pos_sorted
+    return pos.view(k, T).t()  # (T, k)
+
+
+def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in their expert's ``capacity`` slots, GShard priority: bool (T, k)."""
+    check_positive_int("num_experts", num_experts)
+    _check_indices(indices, num_experts)
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    return expert_positions(indices.long(), num_experts) < capacity
+
+
+def expert_choice_routing(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zhou et al. (2022): each expert picks its top-``capacity`` tokens by softmax score.
+
+    logits (T, E) -> (weights (E, C), token indices (E, C)). A token may be picked by several
+    experts or by none; every expert processes exactly C tokens, so load is balanced by design.
+    """
+    _check_logits(logits)
+    T = logits.shape[0]
+    check_positive_int("capacity", capacity)
+    if capacity > T:
+        raise ValueError(f"capacity must be at most the number of tokens ({T}), got {capacity}")
+    probs_TE = router_probs(logits, "softmax")
+    weights_EC, tokens_EC = torch.topk(probs_TE.t(), capacity, dim=-1)
+    return weights_EC, tokens_EC

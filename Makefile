@@ -42,12 +42,15 @@ $(ASSET_STAMP): Makefile
 	touch $(ASSET_STAMP)
 
 # Headless Chromium for tests/test_browser.py: Debian's package (Playwright's own browser download
-# does not work here). Installed only when missing, with sudo only when not already root.
+# does not work here), and a small CJK font so the screenshots show the Chinese text. Installed
+# only when missing, with sudo only when not already root.
 browser:
-	@command -v chromium >/dev/null || { \
+	@if ! command -v chromium >/dev/null || ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
+	fi
 	@command -v chromium >/dev/null
 
 book: setup assets

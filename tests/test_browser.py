@@ -62,7 +62,7 @@ WAIT_MS = 30_000
 # Building and serving
 
 
-def build_book(source: Path, timeout_s: int) -> Path:
+def build_book(source: Path, timeout_s: int, **env_extra: str) -> Path:
     """Build the Jupyter Book in `source` as `make book` does, from scratch; return its HTML.
 
     `--all` and a fresh html folder: no page or environment left from an earlier build.
@@ -70,7 +70,9 @@ def build_book(source: Path, timeout_s: int) -> Path:
     html = source / "_build" / "html"
     shutil.rmtree(html, ignore_errors=True)
     jupyter_book = Path(sys.executable).with_name("jupyter-book")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MPLBACKEND", None)  # as the Makefile does
+    env.update(env_extra)
     proc = subprocess.run(
         [str(jupyter_book), "build", ".", "-W", "--keep-going", "--all"],
         cwd=source,
@@ -449,7 +451,9 @@ def fixture_html(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "book" / "references.bib", src / "book" / "references.bib")
     (src / "book" / "fixture.md").write_text(FIXTURE)
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/fixture\n")
-    return build_book(src, timeout_s=5 * 60)
+    # MPLBACKEND=Agg, as helpers' commands set it: book/_ext/inline_figures.py must still give
+    # the page its figure.
+    return build_book(src, timeout_s=5 * 60, MPLBACKEND="Agg")
 
 
 def test_offline_math_figures_widgets(fixture_html, browser):

@@ -89,6 +89,11 @@ def _loss(out, g):
     return (out.y * g).sum() + 0.3 * out.aux_loss + 0.1 * out.z_loss
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient; None (no token reached it on this rank) counts as zero."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
@@ -120,7 +125,7 @@ def equivalence(cases: list[dict], node_limits: list | None = None) -> list[dict
         ref = refs[rank]
         sl = slice(ep.first_expert, ep.first_expert + ep.num_local)
         expert_err = max(
-            _maxdiff(getattr(ep.experts, name).grad, getattr(moe.experts, name).grad[sl])
+            _maxdiff(_grad(getattr(ep.experts, name)), _grad(getattr(moe.experts, name))[sl])
             for name in ("w_gate", "w_up", "w_down") if getattr(moe.experts, name) is not None
         )
         ref_load = sum(o.tokens_per_expert for o in refs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import sys
 import tempfile
@@ -107,6 +108,13 @@ def spawn(
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not callable(fn) or getattr(fn, "__module__", "__main__") == "__main__":
         raise TypeError("fn must be a function importable from a module (not from __main__)")
+    try:
+        pickle.dumps((fn, args))
+    except Exception as err:  # noqa: BLE001 - any pickling failure means it cannot be sent
+        raise TypeError(
+            f"fn and args must be picklable (a module-level function importable from a "
+            f"module, not a lambda or a notebook function): {err}"
+        ) from err
     backend = backend or default_backend()
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(

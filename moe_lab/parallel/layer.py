@@ -175,7 +175,9 @@ class ExpertParallelMoE(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point() or x.dtype != self.router.weight.dtype:
-            raise TypeError(f"x must have the layer's dtype {self.router.weight.dtype}, got {x.dtype}")
+            raise TypeError(
+                f"x must have the layer's dtype {self.router.weight.dtype}, got {x.dtype}"
+            )
         if x.dim() < 1 or x.shape[-1] != D or x.numel() == 0:
             raise ValueError(f"x must be (..., d_model={D}) with >= 1 token, got {tuple(x.shape)}")
 
@@ -229,7 +231,12 @@ class ExpertParallelMoE(nn.Module):
             torch.arange(El, device=x.device).repeat(W), recv_WEl.reshape(-1)
         )
         by_expert_M = torch.argsort(local_e_M, stable=True)
-        h_sorted_MD = self.experts.forward_sorted(x_MD[by_expert_M], recv_WEl.sum(0), mm=self._mm)
+        x_sorted_MD = x_MD[by_expert_M]
+        h_sorted_MD = self.experts.forward_sorted(x_sorted_MD, recv_WEl.sum(0), mm=self._mm)
+        if x_MD.shape[0] == 0 and x_MD.requires_grad:
+            # No rows for our experts: still link the received (empty) tensor to the output, or
+            # autograd skips the dispatch's backward here while the other ranks wait in it.
+            h_sorted_MD = x_sorted_MD * 0
         h_MD = h_sorted_MD[torch.argsort(by_expert_M)]  # back to (source rank, expert) order
         h_ND = all_to_all(h_MD, send_rows, recv_rows, self.group,
                           log=self.traffic_log, tag="combine")

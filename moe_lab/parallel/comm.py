@@ -31,12 +31,13 @@ def group_rank_size(group=None) -> tuple[int, int]:
 
 
 def _timeout_s(group) -> float | None:
+    """The group's collective timeout in seconds, when the backend exposes it (gloo, NCCL)."""
     try:
         from torch.distributed.distributed_c10d import _get_default_group
 
         pg = group if group is not None else _get_default_group()
-        opts = getattr(pg, "options", None)
-        t = getattr(opts, "_timeout", None)
+        device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        t = pg._get_backend(device).options._timeout
         return t.total_seconds() if isinstance(t, datetime.timedelta) else None
     except Exception:  # noqa: BLE001 - best effort, only used in an error message
         return None

@@ -6,6 +6,8 @@ Each function here runs on every rank (under ``spawn`` or torchrun) and returns 
 
 from __future__ import annotations
 
+import os
+import time
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +17,7 @@ from moe_lab.config import MoEConfig
 from moe_lab.dispatch import dispatch_sort
 from moe_lab.layer import MoE
 from moe_lab.losses import load_balancing_loss, router_z_loss
+from moe_lab.parallel.comm import PeerFailure, TrafficLog
 from moe_lab.parallel.layer import ExpertParallelMoE
 from moe_lab.parallel.routing import NodeLimit, node_limited_top_k
 from moe_lab.parallel.traffic import dedup_node_rows, dispatch_rows, gather_rows
@@ -158,8 +161,6 @@ def traffic(case: dict, node_limit: dict | None = None, ranks_per_node: int = 1)
     nl = NodeLimit(**node_limit) if node_limit else None
     moe, xs, gs = make_case(W, device=device, **case)
     ep = ExpertParallelMoE.from_moe(moe, node_limit=nl)
-    from moe_lab.parallel.comm import TrafficLog
-
     ep.traffic_log = TrafficLog()
     x = xs[rank].clone().requires_grad_()
     out = ep(x)
@@ -183,6 +184,64 @@ def traffic(case: dict, node_limit: dict | None = None, ranks_per_node: int = 1)
         out_dict["dedup_rank_to_node"] = gather_rows(rows * row_bytes).cpu()
     out_dict["row_bytes"] = row_bytes
     return out_dict
+
+
+def run_step(case: dict) -> dict:
+    """One EP training step on this rank; returns its output, input gradient and the gradients
+    of its parameters (its expert slice, its local router gradient)."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    moe, xs, gs = make_case(W, device=_device(), **case)
+    ep = ExpertParallelMoE.from_moe(moe)
+    x = xs[rank].clone().requires_grad_()
+    out = ep(x)
+    _loss(out, gs[rank]).backward()
+    grads = {name: _grad(p).cpu() for name, p in ep.named_parameters()}
+    return {"y": out.y.detach().cpu(), "x_grad": x.grad.cpu(), "grads": grads,
+            "tokens_per_expert": out.tokens_per_expert.cpu(),
+            "local_expert_rows": out.local_expert_rows.cpu(), "send_rows": out.send_rows}
+
+
+def setup_drill() -> list[str | None]:
+    """Bad setups on purpose; each must raise the same clear ValueError on every rank."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    attempts = [
+        {"num_experts": W + 1, "dead_experts": (), "top_k": 1},  # E not divisible by W
+        {"d_ff": 12 + 4 * rank},  # configs differ between ranks
+        {"seed": rank},  # ranks built their layer from different seeds
+    ]
+    caught: list[str | None] = []
+    for kw in attempts:
+        moe, _, _ = make_case(W, device=_device(), **kw)
+        try:
+            ExpertParallelMoE.from_moe(moe)
+            caught.append(None)
+        except ValueError as err:
+            caught.append(str(err))
+    return caught
+
+
+def fault_drill(mode: str = "exit", hang_s: float = 7.0) -> dict:
+    """The last rank dies (``mode="exit"``) or stalls (``"hang"``) in the middle of a forward,
+    after the dispatch exchange; the others report how long they took to fail and why."""
+    rank, W = dist.get_rank(), dist.get_world_size()
+    moe, xs, _ = make_case(W, num_experts=2 * W, dead_experts=(1,), dtype=torch.float32,
+                           device=_device())
+    ep = ExpertParallelMoE.from_moe(moe)
+    ep(xs[rank]).y.sum().backward()  # one healthy step first
+    if rank == W - 1:
+        def fail(*args, **kwargs):
+            if mode == "exit":
+                os._exit(3)
+            time.sleep(hang_s)
+            os._exit(4)
+
+        ep.experts.forward_sorted = fail
+    start = time.monotonic()
+    try:
+        ep(xs[rank])
+    except PeerFailure as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
 
 
 def _device() -> torch.device:

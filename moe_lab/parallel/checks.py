@@ -186,6 +186,12 @@ def traffic(case: dict, node_limit: dict | None = None, ranks_per_node: int = 1)
     return out_dict
 
 
+def traffic_pair(case: dict, node_limit: dict, ranks_per_node: int) -> dict:
+    """``traffic`` with plain top-k and with node-limited routing, in one launch."""
+    return {"plain": traffic(case, None, ranks_per_node),
+            "limited": traffic(case, node_limit, ranks_per_node)}
+
+
 def run_step(case: dict) -> dict:
     """One EP training step on this rank; returns its output, input gradient and the gradients
     of its parameters (its expert slice, its local router gradient)."""

@@ -290,3 +290,47 @@ def test_torchrun_check_matches_unsharded():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("-> OK") == 4, proc.stdout
     assert "EP=2 equals the unsharded layer on every rank: True" in proc.stdout
+
+
+# ---------------------------------------------------------------- one-rank group, in process
+
+
+@pytest.fixture
+def one_rank_group():
+    import datetime
+
+    import torch.distributed as dist
+
+    from moe_lab.parallel import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_input_and_splits_raise_clear_errors(one_rank_group):
+    from moe_lab.parallel import all_to_all
+
+    moe, xs, _ = make_case(1)
+    ep = ExpertParallelMoE.from_moe(moe)
+    assert ep.experts.w_gate.shape == moe.experts.w_gate.shape  # W=1 holds every expert
+    with pytest.raises(TypeError, match="dtype"):
+        ep(xs[0].float())
+    with pytest.raises(ValueError, match="d_model=8"):
+        ep(torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input_splits"):
+        all_to_all(torch.randn(4, 2), [4], [3])
+    with pytest.raises(ValueError, match="output_splits"):
+        all_to_all(torch.randn(4, 2), [4, 0], [4])
+    with pytest.raises(ValueError, match="router='expert_choice'"):
+        ExpertParallelMoE.from_moe(MoE(MoEConfig(d_model=4, d_ff=8, num_experts=4,
+                                                 router="expert_choice", capacity_factor=1.0)))
+    with pytest.raises(ValueError, match="node_limit"):
+        ExpertParallelMoE.from_moe(moe, node_limit=NodeLimit(num_groups=3, max_groups=1))
+    # Leading dimensions are flattened and restored, as in the unsharded layer.
+    x = xs[0][:6].reshape(2, 3, 8)
+    torch.testing.assert_close(ep(x).y, moe(x).y)

@@ -192,7 +192,10 @@ def _equivalence_and_traffic(W):
                       ranks_per_node=W // groups)
     setup = setup_drill() if W == 2 else None
     step = run_step({"capacity_factor": 1.0})
-    return {"eq": results, "plain": plain, "limited": limited, "setup": setup, "step": step}
+    # EP x DP: two independent EP groups of 2 ranks, each with its own data.
+    sub = equivalence(CASES[:2], ep_size=2) if W == 4 else None
+    return {"eq": results, "plain": plain, "limited": limited, "setup": setup, "step": step,
+            "sub": sub}
 
 
 def _check_traffic(t, W):
@@ -222,6 +225,11 @@ def test_ep_equals_unsharded(W):
         _check_traffic(o["plain"], W)
         _check_traffic(o["limited"], W)
     _check_assembled_step([o["step"] for o in out], W)
+    if W == 4:
+        for o in out:
+            for res in o["sub"]:
+                assert max(res[k] for k in FLOAT_KEYS) < 1e-12 and res["ints_equal"]
+                assert len(res["send_rows"]) == 2  # the group's size, not the world's
     if W == 4:  # 2 nodes of 2 ranks, max 1 node per token: every token crosses at most once
         for r, o in enumerate(out):
             dedup = o["limited"]["dedup_rank_to_node"][r]  # this rank's row

@@ -101,20 +101,36 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
 
-def equivalence(cases: list[dict], node_limits: list | None = None) -> list[dict]:
+def ep_groups(ep_size: int):
+    """Split the world into consecutive expert-parallel groups of ``ep_size`` ranks (the other
+    dimension being data parallel). Every rank must call this; returns (my group, its index)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+              for g in range(world // ep_size)]
+    return groups[rank // ep_size], rank // ep_size
+
+
+def equivalence(
+    cases: list[dict], node_limits: list | None = None, ep_size: int | None = None
+) -> list[dict]:
     """On this rank: EP forward/backward vs the unsharded layer, for each case of ``make_case``.
 
-    Returns per case the largest absolute differences (outputs, losses, input, expert and
-    router gradients) and whether the integer outputs match exactly.
+    With ``ep_size``, the world is split into groups of that many ranks, each an independent EP
+    layer with its own data (EP x DP). Returns per case the largest absolute differences
+    (outputs, losses, input, expert and router gradients) and whether integer outputs match.
     """
-    rank, W = dist.get_rank(), dist.get_world_size()
+    group, replica = (None, 0) if ep_size is None else ep_groups(ep_size)
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
     device = _device()
     results = []
     for n, case in enumerate(cases):
         nl = node_limits[n] if node_limits else None
         nl = NodeLimit(**nl) if isinstance(nl, dict) else nl
+        case = dict(case, seed=case.get("seed", 0) + 1000 * replica)
         moe, xs, gs = make_case(W, device=device, **case)
-        ep = ExpertParallelMoE.from_moe(moe, node_limit=nl)
+        ep = ExpertParallelMoE.from_moe(moe, group, node_limit=nl)
         x = xs[rank].clone().requires_grad_()
         out = ep(x)
         _loss(out, gs[rank]).backward()

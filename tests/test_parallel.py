@@ -342,3 +342,5 @@ def test_bad_input_and_splits_raise_clear_errors(one_rank_group):
     # Leading dimensions are flattened and restored, as in the unsharded layer.
     x = xs[0][:6].reshape(2, 3, 8)
     torch.testing.assert_close(ep(x).y, moe(x).y)
+    with torch.no_grad():  # inference: no graph, same numbers
+        torch.testing.assert_close(ep(x).y, moe(x).y)

@@ -5,11 +5,13 @@ typeset by the self-hosted MathJax, every image loaded, every saved widget rende
 internal link pointing at a page and anchor that exist. A screenshot of each page is saved under
 _build/screenshots/.
 
-By default the book is built from the current sources first (`jupyter-book build . -W
---keep-going`, which also executes every chapter); set MOE_LAB_REUSE_HTML=1 to check an existing,
-fresh _build/html instead. A second, one-page book built in a temporary folder from this file's
-FIXTURE page (math, a matplotlib figure, widgets) checks the offline machinery itself, whatever
-the chapters contain. Chromium comes from the system (`make browser` installs it).
+By default the book is built from the current sources first, with `jupyter-book build . -W
+--keep-going` as `make book` runs it, except that each chapter is the notebook already executed
+once in this test session (tests/chapters.py: `executed`), so no chapter runs twice; set
+MOE_LAB_REUSE_HTML=1 to check an existing, fresh _build/html (from `make book`) instead.
+A second, one-page book built in a temporary folder from this file's FIXTURE page (math, a
+matplotlib figure, widgets) checks the offline machinery itself, whatever the chapters contain.
+Chromium comes from the system (`make browser` installs it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
 
-from tests.chapters import ROOT, toc_files
+from tests.chapters import ROOT, stage_executed_book, toc_files
 
 # Building the whole book happens in the first test's set-up: allow more than the default 900 s.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(45 * 60)]
@@ -361,13 +363,16 @@ def check_page(browser, base_url: str, html: Path, page_path: str, shot: Path) -
 
 
 @pytest.fixture(scope="module")
-def book_html() -> Path:
+def book_html(tmp_path_factory) -> Path:
     html = ROOT / "_build" / "html"
     if os.environ.get(REUSE_ENV) == "1":
         if not (html / "index.html").exists():
             pytest.fail(f"{REUSE_ENV}=1 but {html} holds no built book")
         return html
-    return build_book(ROOT, timeout_s=30 * 60)  # the whole book: 15 minutes is its budget
+    # The chapters executed once for tests/test_chapters.py (in this session) are rendered as
+    # they are, rather than executed a second time by the build.
+    staged = stage_executed_book(tmp_path_factory.mktemp("executed_book"))
+    return build_book(staged, timeout_s=15 * 60)
 
 
 @pytest.fixture(scope="module")

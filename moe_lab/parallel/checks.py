@@ -46,8 +46,10 @@ def make_case(
     towards the router row of a different live expert, so ranks route unevenly.
     Returns (moe, xs, grads_out): one input and one output cotangent per rank.
     """
+    # top-1 runs Switch-style (unnormalised), so the router gradient is checked, not just zero
     cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
-                    capacity_factor=capacity_factor, activation=activation)
+                    capacity_factor=capacity_factor, activation=activation,
+                    normalize_weights=top_k > 1)
     torch.manual_seed(seed)
     moe = MoE(cfg).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)

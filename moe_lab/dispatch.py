@@ -71,7 +71,8 @@ def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts:
         flat_e = flat_e.masked_fill(~keep_Tk.reshape(-1), num_experts)  # dropped sort last
     order = torch.argsort(flat_e, stable=True)
     counts_E = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts]
-    order = order[: int(counts_E.sum())]
+    if keep_Tk is not None:
+        order = order[: int(counts_E.sum())]
     return order, order // k, counts_E
 
 
@@ -86,7 +87,9 @@ def dispatch_sort(
 ):
     """Sort-and-permute: one gather, contiguous per-expert blocks, one weighted scatter-add."""
     order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts)
-    x_ND = x_TD[token_of]  # (N, D) gathered, grouped by expert
+    # index_select, not x_TD[token_of]: its backward is one index_add, not an accumulating
+    # index_put.
+    x_ND = x_TD.index_select(0, token_of)  # (N, D) gathered, grouped by expert
     h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
     w_N = weights_Tk.reshape(-1)[order]
     return torch.zeros_like(x_TD).index_add(0, token_of, h_ND * w_N.unsqueeze(-1))

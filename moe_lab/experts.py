@@ -103,16 +103,20 @@ class Experts(nn.Module):
         """Rows of x sorted by expert (counts_E[e] rows for expert e): (N, D) -> (N, D).
 
         ``mm(x_NK, w_EKM, counts_E)`` is a grouped matmul (the Triton kernel for impl="triton");
-        by default each expert's block runs through ``forward_expert`` (one split, one concat).
+        by default each expert's block is its own matmuls (one split, one concat).
         """
         if mm is not None:
             gate = mm(x_ND, self.w_gate, counts_E) if self.w_gate is not None else None
             h_NF = self._act(gate, mm(x_ND, self.w_up, counts_E))
             return mm(h_NF, self.w_down, counts_E)
         sizes = [int(c) for c in counts_E.tolist()]
-        outs = [
-            self.forward_expert(e, blk)
-            for e, blk in enumerate(torch.split(x_ND, sizes))
-            if sizes[e]
-        ]
+        # unbind, not w[e]: the backward of E selects would build E zero-filled (E, D, F)
+        # gradients and add them up; unbind's backward stacks the E slices once.
+        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else None
+        w_up, w_down = self.w_up.unbind(0), self.w_down.unbind(0)
+        outs = []
+        for e, blk_nD in enumerate(torch.split(x_ND, sizes)):
+            if sizes[e]:
+                gate = blk_nD @ w_gate[e] if w_gate is not None else None
+                outs.append(self._act(gate, blk_nD @ w_up[e]) @ w_down[e])
         return torch.cat(outs, dim=0) if outs else x_ND.new_zeros(x_ND.shape)

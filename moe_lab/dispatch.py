@@ -76,6 +76,35 @@ def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts:
     return order, order // k, counts_E
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows of x in the order ``perm``; the backward gathers with the inverse permutation
+    instead of scatter-adding (what plain indexing would do), which is faster on CPU."""
+
+    @staticmethod
+    def forward(ctx, x_ND, perm_N, inv_N):
+        ctx.save_for_backward(inv_N)
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inv_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inv_N), None, None
+
+
+def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
+    """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
+    T, k = indices_Tk.shape
+    D = x_TD.shape[-1]
+    order, _, counts_E = permute(indices_Tk, None, experts.num_experts)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    x_rep = x_TD.unsqueeze(1).expand(T, k, D).reshape(T * k, D)  # token-major copies
+    x_ND = _PermuteRows.apply(x_rep, order, inv)  # (T*k, D) grouped by expert
+    h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
+    h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
+    return torch.bmm(weights_Tk.unsqueeze(1), h_TkD).squeeze(1)  # (T, D) weighted sum
+
+
 def dispatch_sort(
     x_TD,
     weights_Tk,
@@ -86,6 +115,8 @@ def dispatch_sort(
     mm: GroupedMM | None = None,
 ):
     """Sort-and-permute: one gather, contiguous per-expert blocks, one weighted scatter-add."""
+    if keep_Tk is None:
+        return _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts, mm)
     order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts)
     # index_select, not x_TD[token_of]: its backward is one index_add, not an accumulating
     # index_put.

@@ -29,6 +29,22 @@ def grouped_mm_loop(
     return torch.cat(outs, dim=0)  # (N, M)
 
 
+def grouped_mm_torch(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """PyTorch's own grouped matmul (``F.grouped_mm``): every expert's block in one call."""
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each expert's block
+    return F.grouped_mm(x_NK, w_EKM, offs=offs_E)  # (N, M)
+
+
+def torch_grouped_mm_applies(x_NK: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether ``grouped_mm_torch`` runs here: float32 CPU tensors, row strides of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or x_NK.device.type != "cpu" or x_NK.dtype != torch.float32:
+        return False
+    dims = [x_NK.shape[-1]] + [d for w in weights if w is not None for d in w.shape[1:]]
+    return x_NK.is_contiguous() and all(d % 4 == 0 for d in dims)
+
+
 def _init(w: torch.Tensor, fan_in: int) -> None:
     nn.init.normal_(w, mean=0.0, std=fan_in**-0.5)
 
@@ -102,9 +118,12 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """Rows of x sorted by expert (counts_E[e] rows for expert e): (N, D) -> (N, D).
 
-        ``mm(x_NK, w_EKM, counts_E)`` is a grouped matmul (the Triton kernel for impl="triton");
-        by default each expert's block is its own matmuls (one split, one concat).
+        ``mm(x_NK, w_EKM, counts_E)`` is a grouped matmul (the Triton kernel for impl="triton").
+        By default, float32 on CPU uses PyTorch's grouped matmul (3 calls instead of 3 per
+        expert, no concat); otherwise each expert's block is its own matmuls.
         """
+        if mm is None and torch_grouped_mm_applies(x_ND, self.w_gate, self.w_up, self.w_down):
+            mm = grouped_mm_torch
         if mm is not None:
             gate = mm(x_ND, self.w_gate, counts_E) if self.w_gate is not None else None
             h_NF = self._act(gate, mm(x_ND, self.w_up, counts_E))

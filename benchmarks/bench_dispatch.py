@@ -106,6 +106,11 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
                 times[name].append(elapsed)
         print(f"round {r + 1}/{warmup + repeats}", flush=True)
     med = {n: statistics.median(v) for n, v in times.items()}
+    # each round's own ratio to the dense time of that round: robust to load that drifts
+    paired = {
+        n: statistics.median(t / d for t, d in zip(v, times["dense"], strict=True))
+        for n, v in times.items()
+    }
     return {
         "shape": {"tokens": T, "d_model": D, "d_ff": Fh, "num_experts": E, "top_k": k},
         "dense_baseline": f"SwiGLU FFN, hidden size k*d_ff = {k * Fh}",
@@ -116,6 +121,7 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
         "times_s": times,
         "median_s": med,
         "ratio_to_dense": {n: med[n] / med["dense"] for n in names},
+        "paired_ratio_median": paired,
         "machine": {
             "cpu": cpu_model(),
             "threads": threads,
@@ -140,7 +146,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     res = bench(a.tokens, a.d_model, a.d_ff, a.experts, a.top_k, a.repeats, a.warmup, a.threads)
     for n, m in res["median_s"].items():
-        print(f"{n:>18}: median {m * 1e3:8.1f} ms   x{res['ratio_to_dense'][n]:.2f} of dense")
+        print(
+            f"{n:>18}: median {m * 1e3:8.1f} ms   x{res['ratio_to_dense'][n]:.2f} of dense"
+            f"   (median per-round ratio x{res['paired_ratio_median'][n]:.2f})"
+        )
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -91,15 +91,31 @@ class _PermuteRows(torch.autograd.Function):
         return g_ND.index_select(0, inv_N), None, None
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x_TD rows for the sorted assignments (each token k times); since every token has exactly
+    k rows, the backward is a gather with the inverse permutation and a sum over k."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_N, inv_N, k):
+        ctx.save_for_backward(inv_N)
+        ctx.k = k
+        return x_TD.index_select(0, token_of_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inv_N,) = ctx.saved_tensors
+        g_TkD = g_ND.index_select(0, inv_N).view(-1, ctx.k, g_ND.shape[-1])
+        return g_TkD.sum(1), None, None, None
+
+
 def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
     """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
     T, k = indices_Tk.shape
     D = x_TD.shape[-1]
-    order, _, counts_E = permute(indices_Tk, None, experts.num_experts)
+    order, token_of, counts_E = permute(indices_Tk, None, experts.num_experts)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    x_rep = x_TD.unsqueeze(1).expand(T, k, D).reshape(T * k, D)  # token-major copies
-    x_ND = _PermuteRows.apply(x_rep, order, inv)  # (T*k, D) grouped by expert
+    x_ND = _GatherTokens.apply(x_TD, token_of, inv, k)  # (T*k, D) grouped by expert
     h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
     h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
     return torch.bmm(weights_Tk.unsqueeze(1), h_TkD).squeeze(1)  # (T, D) weighted sum

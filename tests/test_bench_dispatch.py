@@ -24,7 +24,7 @@ def test_bench_tiny_shape_writes_result(tmp_path):
     )
     saved = json.loads(out.read_text())
     assert saved["median_s"].keys() == {"dense", "loop", "einsum", "sort", "sort_experts_only"}
-    assert saved["ratio_to_dense"]["dense"] == 1.0
+    assert saved["ratio_to_dense"]["dense"] == 1.0 == saved["paired_ratio_median"]["dense"]
     assert all(len(v) == 2 for v in saved["times_s"].values())
     assert sum(saved["tokens_per_expert"]) == 64 * 2
     for key in ("cpu", "threads", "torch", "date"):

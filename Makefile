@@ -13,6 +13,14 @@ unexport MPLBACKEND
 
 .PHONY: setup assets browser book test lint lab clean
 
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	touch $(STAMP)
+
 # Page assets served from the built book, so math and widgets render with no internet.
 # Only what the pages load is kept (about 11 MB of the 43 MB the packages unpack to):
 # MathJax 3's TeX-to-CHTML bundle with its fonts, the TeX extensions it autoloads and the menu's

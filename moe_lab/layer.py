@@ -7,6 +7,7 @@ tokens reach experts; routing and experts stay the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,44 @@ class MoEOutput:
     dropped: int
     indices: torch.Tensor
     weights: torch.Tensor
+
+
+@dataclass
+class Routing:
+    """A top-k routing decision with what follows from it: losses, capacity, kept assignments."""
+
+    weights_Tk: torch.Tensor
+    indices_Tk: torch.Tensor
+    keep_Tk: torch.Tensor | None  # None: dropless
+    capacity: int | None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    dropped: int
+
+
+def route_tokens(
+    cfg: MoEConfig,
+    logits_TE: torch.Tensor,
+    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Routing:
+    """Select experts with ``select``, compute both router losses, apply capacity (GShard).
+
+    Shared by the single-process layer and the expert-parallel one, so both route identically;
+    capacity is computed from the T tokens of this call.
+    """
+    T, E = logits_TE.shape
+    z_loss = router_z_loss(logits_TE)
+    weights_Tk, indices_Tk = select(logits_TE)
+    probs_TE = router_probs(logits_TE, cfg.score)
+    if cfg.score == "sigmoid":  # balance over normalised affinities, as DeepSeek-V3 does
+        probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
+    aux_loss = load_balancing_loss(probs_TE, indices_Tk, E)
+    keep_Tk, capacity = None, None
+    if cfg.capacity_factor is not None:
+        capacity = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor)
+        keep_Tk = capacity_mask(indices_Tk, E, capacity)
+    dropped = 0 if keep_Tk is None else int((~keep_Tk).sum())
+    return Routing(weights_Tk, indices_Tk, keep_Tk, capacity, aux_loss, z_loss, dropped)
 
 
 class MoE(nn.Module):
@@ -92,40 +131,33 @@ class MoE(nn.Module):
         self._check_input(x)
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.d_model)
-        T, E = x_TD.shape[0], cfg.num_experts
         logits_TE = self.router_logits(x_TD)
-        z_loss = router_z_loss(logits_TE)
         if cfg.router == "expert_choice":
-            return self._forward_expert_choice(x, x_TD, logits_TE, z_loss)
+            return self._forward_expert_choice(x, x_TD, logits_TE, router_z_loss(logits_TE))
 
-        bias = self.expert_bias if cfg.bias_update_rate > 0 else None
-        weights_Tk, indices_Tk = top_k_routing(
-            logits_TE, cfg.top_k, score=cfg.score, normalize=cfg.normalize_weights, bias=bias
-        )
-        probs_TE = router_probs(logits_TE, cfg.score)
-        if cfg.score == "sigmoid":  # balance over normalised affinities, as DeepSeek-V3 does
-            probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-        aux_loss = load_balancing_loss(probs_TE, indices_Tk, E)
-
-        keep_Tk, capacity = None, None
-        if cfg.capacity_factor is not None:
-            capacity = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor)
-            keep_Tk = capacity_mask(indices_Tk, E, capacity)
-        kept = indices_Tk if keep_Tk is None else indices_Tk[keep_Tk]
-        tokens_per_expert = torch.bincount(kept.reshape(-1), minlength=E)
-        dropped = 0 if keep_Tk is None else int((~keep_Tk).sum())
-
+        r = route_tokens(cfg, logits_TE, self.route)
+        kept = r.indices_Tk if r.keep_Tk is None else r.indices_Tk[r.keep_Tk]
+        tokens_per_expert = torch.bincount(kept.reshape(-1), minlength=cfg.num_experts)
         y_TD = self._dispatch(
-            x_TD, weights_Tk.to(x.dtype), indices_Tk, keep_Tk, self.experts, capacity=capacity
+            x_TD, r.weights_Tk.to(x.dtype), r.indices_Tk, r.keep_Tk, self.experts,
+            capacity=r.capacity,
         )
         return MoEOutput(
             y=y_TD.view(x.shape),
-            aux_loss=aux_loss,
-            z_loss=z_loss,
+            aux_loss=r.aux_loss,
+            z_loss=r.z_loss,
             tokens_per_expert=tokens_per_expert,
-            dropped=dropped,
-            indices=indices_Tk,
-            weights=weights_Tk,
+            dropped=r.dropped,
+            indices=r.indices_Tk,
+            weights=r.weights_Tk,
+        )
+
+    def route(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k selection (weights (T, k), indices (T, k)), with the balancing bias if enabled."""
+        cfg = self.cfg
+        bias = self.expert_bias if cfg.bias_update_rate > 0 else None
+        return top_k_routing(
+            logits_TE, cfg.top_k, score=cfg.score, normalize=cfg.normalize_weights, bias=bias
         )
 
     def _forward_expert_choice(self, x, x_TD, logits_TE, z_loss) -> MoEOutput:

@@ -22,8 +22,7 @@ from torch import nn
 
 from moe_lab.dispatch import permute
 from moe_lab.experts import Experts
-from moe_lab.layer import MoE, MoEOutput
-from moe_lab.losses import load_balancing_loss, router_z_loss
+from moe_lab.layer import MoE, MoEOutput, route_tokens
 from moe_lab.parallel.comm import (
     TrafficLog,
     all_to_all,
@@ -32,13 +31,7 @@ from moe_lab.parallel.comm import (
     run_collective,
 )
 from moe_lab.parallel.routing import NodeLimit, node_limited_top_k
-from moe_lab.routing import (
-    capacity_mask,
-    expert_capacity,
-    noisy_logits,
-    router_probs,
-    top_k_routing,
-)
+from moe_lab.routing import noisy_logits, top_k_routing
 
 
 @dataclass
@@ -199,22 +192,13 @@ class ExpertParallelMoE(nn.Module):
         self._check_input(x)
         cfg, W, El = self.cfg, self.world_size, self.num_local
         x_TD = x.reshape(-1, cfg.d_model)
-        T, E = x_TD.shape[0], cfg.num_experts
+        E = cfg.num_experts
         logits_TE = self.router(x_TD)
         if self.noise is not None and self.training:
             logits_TE = noisy_logits(logits_TE, self.noise(x_TD))
-        z_loss = router_z_loss(logits_TE)
-        weights_Tk, indices_Tk = self.route(logits_TE)
-        probs_TE = router_probs(logits_TE, cfg.score)
-        if cfg.score == "sigmoid":
-            probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-        aux_loss = load_balancing_loss(probs_TE, indices_Tk, E)
-
-        keep_Tk = None  # capacity from this rank's own T tokens, as in GShard
-        if cfg.capacity_factor is not None:
-            capacity = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor)
-            keep_Tk = capacity_mask(indices_Tk, E, capacity)
-        dropped = 0 if keep_Tk is None else int((~keep_Tk).sum())
+        # capacity from this rank's own T tokens, as in GShard
+        r = route_tokens(cfg, logits_TE, self.route)
+        weights_Tk, indices_Tk, keep_Tk = r.weights_Tk, r.indices_Tk, r.keep_Tk
 
         # Sorted by global expert id = grouped by destination rank, then by its local expert.
         order_N, token_of_N, counts_E = permute(indices_Tk, keep_Tk, E)
@@ -245,10 +229,10 @@ class ExpertParallelMoE(nn.Module):
         y_TD = torch.zeros_like(x_TD).index_add(0, token_of_N, h_ND * w_N.unsqueeze(-1))
         return ExpertParallelOutput(
             y=y_TD.view(x.shape),
-            aux_loss=aux_loss,
-            z_loss=z_loss,
+            aux_loss=r.aux_loss,
+            z_loss=r.z_loss,
             tokens_per_expert=counts_E,
-            dropped=dropped,
+            dropped=r.dropped,
             indices=indices_Tk,
             weights=weights_Tk,
             send_rows=send_rows,

@@ -31,11 +31,10 @@ def encode(text: str) -> torch.Tensor:
 
 def decode(ids) -> str:
     """Token ids back to text; byte sequences that are not valid UTF-8 become U+FFFD."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist()
-    if any(not 0 <= int(i) < VOCAB_SIZE for i in ids):
+    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.long)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= VOCAB_SIZE):
         raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE})")
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    return bytes(t.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
 
 
 def prose_documents() -> list[str]:

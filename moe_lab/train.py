@@ -80,8 +80,8 @@ PRESETS = {
         train=dict(steps=150, batch_size=16, eval_every=25, eval_batches=4, warmup=20),
     ),
     "long": dict(
-        model=dict(block_size=64, d_model=128, n_layers=4, n_heads=4, d_ff=512),
-        train=dict(steps=1200, batch_size=16, eval_every=50, eval_batches=16, warmup=60),
+        model=dict(block_size=64, d_model=96, n_layers=4, n_heads=4, d_ff=384),
+        train=dict(steps=1000, batch_size=16, eval_every=50, eval_batches=8, warmup=50),
     ),
 }
 

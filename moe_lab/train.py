@@ -311,6 +311,29 @@ def train(
     return model, log
 
 
+@torch.no_grad()
+def routing_by_kind(
+    model: TinyLM, corpus: Corpus, cfg: TrainConfig, *, batches: int = 8, split: str = "val"
+) -> torch.Tensor:
+    """Assignments per (layer, kind, expert), kind 0 = prose, 1 = code: a (L, 2, E) count."""
+    moe = cfg.model.moe
+    if moe is None:
+        raise ValueError("routing_by_kind needs an MoE model (cfg.model.moe is None)")
+    was_training = model.training
+    model.eval()
+    counts_LKE = torch.zeros(cfg.model.n_layers, 2, moe.num_experts, dtype=torch.long)
+    for i in range(batches):
+        x, _, kind_B = get_batch(corpus, split, cfg.batch, seed=cfg.seed, step=i)
+        kind_T = kind_B.repeat_interleave(x.shape[1])  # (B*L,) kind of every token
+        for layer, r in enumerate(model(x).routing):
+            for j in range(r.indices.shape[1]):
+                counts_LKE[layer].index_put_(
+                    (kind_T, r.indices[:, j]), torch.ones_like(kind_T), accumulate=True
+                )
+    model.train(was_training)
+    return counts_LKE
+
+
 def steps_to_reach(evals: list[dict], target: float) -> float | None:
     """First step where the validation loss reaches ``target``, linearly interpolated."""
     prev = None
@@ -338,7 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     overrides = {} if args.steps is None else {"steps": args.steps}
     cfg = make_config(args.config, args.variant, seed=args.seed, **overrides)
-    _, log = train(cfg, out=args.out, resume=args.resume)
+    corpus = load_corpus(max_code_bytes=cfg.max_code_bytes)
+    model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
+    if cfg.model.moe is not None:
+        log["routing_by_kind"] = routing_by_kind(model, corpus, cfg).tolist()
     log["command"] = "python -m moe_lab.train " + " ".join(argv or __import__("sys").argv[1:])
     log["variant"], log["preset"] = args.variant, args.config
     Path(args.out, "log.json").write_text(json.dumps(log, indent=1))

@@ -13,6 +13,7 @@ from moe_lab.train import (
     lr_at,
     main,
     make_config,
+    routing_by_kind,
     steps_to_reach,
     train,
     variant_moe,
@@ -118,3 +119,14 @@ def test_cli_writes_log(tmp_path):
     assert saved["command"].startswith("python -m moe_lab.train --config short")
     assert log["params_total"] > log["params_active"]
     assert (tmp_path / "ckpt.pt").is_file()
+
+
+def test_routing_by_kind_counts_every_assignment(corpus):
+    cfg = tiny_cfg(steps=2)
+    model, _ = train(cfg, corpus=corpus, progress=False)
+    counts = routing_by_kind(model, corpus, cfg, batches=3)
+    assert counts.shape == (2, 2, 4)
+    tokens = 3 * cfg.batch_size * cfg.model.block_size
+    assert counts.sum(dim=(1, 2)).tolist() == [tokens * 2] * 2  # k=2 assignments a token
+    prose_rows = cfg.batch.prose_rows
+    assert int(counts[0, 0].sum()) == 3 * prose_rows * cfg.model.block_size * 2

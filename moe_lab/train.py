@@ -77,9 +77,14 @@ class TrainConfig:
 PRESETS = {
     "short": dict(
         model=dict(block_size=64, d_model=64, n_layers=2, n_heads=4, d_ff=256),
-        train=dict(steps=150, batch_size=16, eval_every=25, eval_batches=4, warmup=20),
+        train=dict(steps=200, batch_size=16, eval_every=25, eval_batches=4, warmup=20),
     ),
     "long": dict(
+        model=dict(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256),
+        train=dict(steps=1000, batch_size=32, eval_every=50, eval_batches=8, warmup=50),
+    ),
+    # A first, wider attempt (about 1.7 training bytes per dense parameter); kept for the record.
+    "long_d96": dict(
         model=dict(block_size=64, d_model=96, n_layers=4, n_heads=4, d_ff=384),
         train=dict(steps=1000, batch_size=16, eval_every=50, eval_batches=8, warmup=50),
     ),

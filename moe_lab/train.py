@@ -23,7 +23,7 @@ from moe_lab.config import MoEConfig, check_positive_int
 from moe_lab.data import BatchConfig, Corpus, get_batch, load_corpus
 from moe_lab.model import ModelConfig, TinyLM, count_params
 
-VARIANTS = ("dense", "moe8", "fine", "top1", "nobal")
+VARIANTS = ("dense", "moe8", "fine", "fine32", "top1", "nobal")
 
 
 @dataclass(kw_only=True)
@@ -94,7 +94,8 @@ PRESETS = {
 def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
     """The FFN of each variant, all with the dense FFN's active hidden size per token.
 
-    moe8: E=8, k=2, hidden d_ff/2. fine: E=16, k=4, hidden d_ff/4 (DeepSeekMoE-style).
+    moe8: E=8, k=2, hidden d_ff/2. fine: E=16, k=4, hidden d_ff/4 (DeepSeekMoE-style);
+    fine32: E=32, k=8, hidden d_ff/8.
     top1: E=4, k=1, hidden d_ff (Switch). nobal: moe8 without the auxiliary loss.
     All MoE variants have 4x the dense FFN's parameters in total.
     """
@@ -102,7 +103,9 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "dense":
         return None
-    E, k = {"moe8": (8, 2), "fine": (16, 4), "top1": (4, 1), "nobal": (8, 2)}[variant]
+    E, k = {"moe8": (8, 2), "fine": (16, 4), "fine32": (32, 8), "top1": (4, 1), "nobal": (8, 2)}[
+        variant
+    ]
     if d_ff % k:
         raise ValueError(f"d_ff={d_ff} must be divisible by top_k={k} for variant {variant!r}")
     return MoEConfig(

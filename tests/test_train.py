@@ -99,7 +99,7 @@ def test_schedule_and_interpolation():
 
 
 def test_variants_keep_active_ffn_size():
-    for variant in ("moe8", "fine", "top1", "nobal"):
+    for variant in ("moe8", "fine", "fine32", "top1", "nobal"):
         moe = variant_moe(variant, 64, 256)
         assert moe.d_ff * moe.top_k == 256
         assert moe.d_ff * moe.num_experts == 4 * 256

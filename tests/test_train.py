@@ -130,3 +130,11 @@ def test_routing_by_kind_counts_every_assignment(corpus):
     assert counts.sum(dim=(1, 2)).tolist() == [tokens * 2] * 2  # k=2 assignments a token
     prose_rows = cfg.batch.prose_rows
     assert int(counts[0, 0].sum()) == 3 * prose_rows * cfg.model.block_size * 2
+
+
+def test_chapter_config_is_reproducible(corpus):
+    """The chapter's own (short) config, same seed, twice: the same losses (first 50 steps)."""
+    cfg = make_config("short", "moe8", seed=0)
+    _, a = train(cfg, stop_at=50, corpus=corpus, progress=False)
+    _, b = train(cfg, stop_at=50, corpus=corpus, progress=False)
+    assert len(a["evals"]) == 2 and losses(a) == losses(b)

@@ -114,6 +114,9 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         num_experts=E,
         top_k=k,
         impl="sort",
+        # Top-1 keeps the raw softmax probability as its gate, as Switch does: renormalised over
+        # one choice it would always be 1.0 and the router would get no gradient from the loss.
+        normalize_weights=k > 1,
         aux_loss_coef=0.0 if variant == "nobal" else 0.01,
         z_loss_coef=0.001,
     )

@@ -7,7 +7,7 @@ import torch
 
 from moe_lab.config import MoEConfig
 from moe_lab.data import load_corpus
-from moe_lab.model import ModelConfig
+from moe_lab.model import ModelConfig, TinyLM
 from moe_lab.train import (
     TrainConfig,
     lr_at,
@@ -104,6 +104,8 @@ def test_variants_keep_active_ffn_size():
         assert moe.d_ff * moe.top_k == 256
         assert moe.d_ff * moe.num_experts == 4 * 256
     assert variant_moe("nobal", 64, 256).aux_loss_coef == 0
+    # Top-1 gates with the raw probability; renormalised it would be 1 and the router untrained.
+    assert variant_moe("top1", 64, 256).normalize_weights is False
     with pytest.raises(ValueError, match="variant"):
         variant_moe("huge", 64, 256)
     with pytest.raises(ValueError, match="config"):
@@ -138,3 +140,13 @@ def test_chapter_config_is_reproducible(corpus):
     _, a = train(cfg, stop_at=25, corpus=corpus, progress=False)
     _, b = train(cfg, stop_at=25, corpus=corpus, progress=False)
     assert len(a["evals"]) == 1 and losses(a) == losses(b)
+
+
+def test_top1_router_learns_from_the_language_model_loss():
+    """With k=1 the gate must stay the raw probability, or the CE gives the router no gradient."""
+    torch.manual_seed(0)
+    cfg = make_config("short", "top1")
+    model = TinyLM(cfg.model)
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x).ce.backward()
+    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 0

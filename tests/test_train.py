@@ -149,4 +149,4 @@ def test_top1_router_learns_from_the_language_model_loss():
     model = TinyLM(cfg.model)
     x = torch.randint(0, 256, (2, 16))
     model(x, x).ce.backward()
-    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 0
+    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 1e-3  # renormalised: ~1e-7

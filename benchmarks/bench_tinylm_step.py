@@ -1,6 +1,8 @@
 """Time one training step of the long-run tiny LM, dense vs each MoE variant, interleaved.
 
     PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 2 --repeats 30
+    PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 1 --repeats 30 \
+        --out benchmarks/results/tinylm_step_time_1thread.json
 
 Every variant has the dense model's active FFN FLOPs per token, so the ratio to dense is the
 price of routing, dispatch and many small expert matmuls. Variants run in rotation in one
@@ -26,7 +28,7 @@ from moe_lab.train import make_config, make_optimizer
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="long")
-    p.add_argument("--variants", default="dense,moe8,fine,top1")
+    p.add_argument("--variants", default="dense,moe8,fine,fine32,top1")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default="benchmarks/results/tinylm_step_time.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +36,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     corpus = load_corpus(max_code_bytes=1_000_000)
+    load_before = os.getloadavg()[0]
     runs = {}
     for v in args.variants.split(","):
         cfg = make_config(args.config, v)
@@ -58,6 +60,8 @@ def main() -> None:
         "repeats": args.repeats,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],  # other jobs on the machine
         "median_step_s": {v: statistics.median(r[3]) for v, r in runs.items()},
         "ratio_to_dense": {v: statistics.median(r[3]) / base for v, r in runs.items()},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 SCORES = ("softmax", "sigmoid")
@@ -72,6 +73,14 @@ class MoEConfig:
         check_capacity_factor(self.capacity_factor)
         if self.router == "expert_choice" and self.capacity_factor is None:
             raise ValueError("router='expert_choice' needs a capacity_factor (tokens per expert)")
+        if self.top_k == 1 and self.normalize_weights and self.num_experts > 1:
+            warnings.warn(
+                "top_k=1 with normalize_weights=True gives every token the weight 1.0, so the "
+                "router gets no gradient from the output; Switch-style top-1 routing uses "
+                "normalize_weights=False",
+                UserWarning,
+                stacklevel=3,
+            )
         for name in ("normalize_weights", "noisy_gating"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

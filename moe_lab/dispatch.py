@@ -71,8 +71,54 @@ def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts:
         flat_e = flat_e.masked_fill(~keep_Tk.reshape(-1), num_experts)  # dropped sort last
     order = torch.argsort(flat_e, stable=True)
     counts_E = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts]
-    order = order[: int(counts_E.sum())]
+    if keep_Tk is not None:
+        order = order[: int(counts_E.sum())]
     return order, order // k, counts_E
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows of x in the order ``perm``; the backward gathers with the inverse permutation
+    instead of scatter-adding (what plain indexing would do), which is faster on CPU."""
+
+    @staticmethod
+    def forward(ctx, x_ND, perm_N, inv_N):
+        ctx.save_for_backward(inv_N)
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inv_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inv_N), None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_TD rows for the sorted assignments (each token k times); since every token has exactly
+    k rows, the backward is a gather with the inverse permutation and a sum over k."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_N, inv_N, k):
+        ctx.save_for_backward(inv_N)
+        ctx.k = k
+        return x_TD.index_select(0, token_of_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inv_N,) = ctx.saved_tensors
+        g_TkD = g_ND.index_select(0, inv_N).view(-1, ctx.k, g_ND.shape[-1])
+        return g_TkD.sum(1), None, None, None
+
+
+def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
+    """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
+    T, k = indices_Tk.shape
+    D = x_TD.shape[-1]
+    order, token_of, counts_E = permute(indices_Tk, None, experts.num_experts)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    x_ND = _GatherTokens.apply(x_TD, token_of, inv, k)  # (T*k, D) grouped by expert
+    h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
+    h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
+    return torch.bmm(weights_Tk.unsqueeze(1), h_TkD).squeeze(1)  # (T, D) weighted sum
 
 
 def dispatch_sort(
@@ -85,8 +131,12 @@ def dispatch_sort(
     mm: GroupedMM | None = None,
 ):
     """Sort-and-permute: one gather, contiguous per-expert blocks, one weighted scatter-add."""
+    if keep_Tk is None:
+        return _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts, mm)
     order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts)
-    x_ND = x_TD[token_of]  # (N, D) gathered, grouped by expert
+    # index_select, not x_TD[token_of]: its backward is one index_add, not an accumulating
+    # index_put.
+    x_ND = x_TD.index_select(0, token_of)  # (N, D) gathered, grouped by expert
     h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
     w_N = weights_Tk.reshape(-1)[order]
     return torch.zeros_like(x_TD).index_add(0, token_of, h_ND * w_N.unsqueeze(-1))

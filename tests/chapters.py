@@ -50,7 +50,8 @@ def execute_chapter(path: Path, timeout: int = 900):
     from nbclient import NotebookClient
 
     nb = jupytext.read(path)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MPLBACKEND", None)  # the kernel must use its inline backend, or figures vanish
     client = NotebookClient(
         nb,
         timeout=timeout,
@@ -60,3 +61,46 @@ def execute_chapter(path: Path, timeout: int = 900):
     # nbclient passes extra kwargs to the kernel manager's start_kernel (the kernel's environment).
     client.execute(env=env)
     return nb
+
+
+# One execution per chapter per test session: tests/test_chapters.py checks each chapter runs,
+# and tests/test_browser.py renders those same executed notebooks instead of running them again.
+_EXECUTED: dict[Path, object] = {}
+
+
+def executed(path: Path):
+    """The chapter executed once in this process (a failure is remembered and raised again)."""
+    path = Path(path).resolve()
+    if path not in _EXECUTED:
+        try:
+            _EXECUTED[path] = execute_chapter(path)
+        except Exception as err:  # noqa: BLE001 - re-raised to every caller below
+            _EXECUTED[path] = err
+    result = _EXECUTED[path]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def stage_executed_book(dest: Path) -> Path:
+    """A copy of the book in ``dest`` whose chapters are the executed notebooks, build-ready.
+
+    The copy's _config.yml turns execution off; everything else (toc, extensions, assets,
+    bibliography) is the book's own, so Sphinx renders the same pages `make book` does.
+    """
+    import shutil
+
+    import nbformat
+
+    dest.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config.setdefault("execute", {})["execute_notebooks"] = "off"
+    (dest / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    shutil.copy(ROOT / "_toc.yml", dest / "_toc.yml")
+    shutil.copytree(ROOT / "book", dest / "book", dirs_exist_ok=True)
+    for path in toc_files():
+        if is_notebook(path):
+            target = dest / path.relative_to(ROOT)
+            target.unlink()
+            nbformat.write(executed(path), target.with_suffix(".ipynb"))
+    return dest

@@ -43,3 +43,8 @@ def test_keyword_only():
 def test_bad_values_raise_named_errors(changes, exc, words):
     with pytest.raises(exc, match=words):
         MoEConfig(**{**BASE, **changes})
+
+
+def test_top1_normalised_warns_router_gets_no_gradient():
+    with pytest.warns(UserWarning, match="no gradient"):
+        MoEConfig(**BASE, top_k=1)

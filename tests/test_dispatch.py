@@ -28,7 +28,15 @@ SHAPES = [
 def run(impl, shape, seed=0):
     T, D, Fh, E, k, cf, skew = shape
     torch.manual_seed(seed)
-    cfg = MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=k, capacity_factor=cf, impl=impl)
+    cfg = MoEConfig(
+        d_model=D,
+        d_ff=Fh,
+        num_experts=E,
+        top_k=k,
+        capacity_factor=cf,
+        impl=impl,
+        normalize_weights=k > 1,  # top-1 unnormalised (Switch), so router gradients are compared
+    )
     moe = MoE(cfg).double()
     with torch.no_grad():
         moe.router.weight[0] += skew

@@ -1,0 +1,48 @@
+"""`{{ch0}}` ... `{{ch10}}`: a link to each chapter once it is in _toc.yml, plain text until then.
+
+Pages that name chapters (intro, appendices) write `{{ch5}}`, never a bare link: the build runs
+with -W, so a link to a chapter not yet in the table of contents would fail it. Each
+substitution becomes "{doc}`chapter 5 </book/05_capacity>`" when book/05_capacity is in the
+table of contents and "chapter 5" otherwise, so links appear as chapters land, with no edit.
+"""
+
+from __future__ import annotations
+
+from sphinx.application import Sphinx
+from sphinx.config import Config
+
+# The book's chapters (DESIGN.md), by number.
+CHAPTERS = {
+    0: "00_preface",
+    1: "01_one_expert",
+    2: "02_soft_mixture",
+    3: "03_sparse_routing",
+    4: "04_dispatch",
+    5: "05_capacity",
+    6: "06_load_balancing",
+    7: "07_tiny_moe",
+    8: "08_expert_parallelism",
+    9: "09_triton_kernel",
+    10: "10_scaling",
+}
+
+
+def chapter_substitutions(in_toc) -> dict[str, str]:
+    """{"ch5": link or plain text, ...} given the docnames in the table of contents."""
+    subs = {}
+    for n, stem in CHAPTERS.items():
+        doc = f"book/{stem}"
+        subs[f"ch{n}"] = f"{{doc}}`chapter {n} </{doc}>`" if doc in in_toc else f"chapter {n}"
+    return subs
+
+
+def define_substitutions(app: Sphinx, config: Config) -> None:
+    site_map = getattr(config, "external_site_map", None)  # set by sphinx_external_toc
+    in_toc = set(site_map) if site_map is not None else set()
+    config.myst_substitutions = {**chapter_substitutions(in_toc), **config.myst_substitutions}
+
+
+def setup(app: Sphinx) -> dict:
+    # After sphinx_external_toc has read _toc.yml (its handler runs at the default priority).
+    app.connect("config-inited", define_substitutions, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

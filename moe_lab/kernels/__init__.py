@@ -1,0 +1,32 @@
+"""Triton kernels for the experts: a grouped GEMM over expert-sorted tokens.
+
+With no CUDA device the kernels run in Triton's interpreter, which must be switched on
+(TRITON_INTERPRET=1) before triton is first imported: triton.language's own helpers (tl.zeros
+is one) are @triton.jit functions fixed as compiled or interpreted at that import. So when no
+CUDA device is found, triton is not imported yet and TRITON_INTERPRET is unset, this package
+sets it before importing triton. In any other mix, grouped_gemm on CPU tensors raises a
+RuntimeError that says what to do, instead of Triton's "Cannot call @triton.jit'd outside of
+the scope of a kernel".
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moe_lab.experts import grouped_mm_loop as grouped_gemm_reference  # noqa: E402
+
+from .grouped import GroupedGemm, grouped_gemm, interpreter_active  # noqa: E402
+from .tile_configs import Tiles, tiles_for  # noqa: E402
+
+__all__ = [
+    "GroupedGemm",
+    "Tiles",
+    "grouped_gemm",
+    "grouped_gemm_reference",
+    "interpreter_active",
+    "tiles_for",
+]

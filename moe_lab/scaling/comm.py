@@ -1,0 +1,149 @@
+"""How long an MoE layer's all-to-all takes: bytes over NVLink and over the network, per GPU.
+
+Expert parallelism (EP) spreads the experts of a layer over `ep` GPUs, `g` per node on
+`n = ep / g` nodes. Each token is *dispatched* to the GPUs holding its top_k experts and the
+results are *combined* back: two all-to-alls forward, two more backward. We assume routing is
+uniform over experts (chapter 6 is about making it so) and that the node-level and GPU-level
+hops are pipelined, so the slower link sets the time (as DeepEP's kernels do):
+
+    t = max(inter_bytes / rdma_bw, intra_bytes / nvlink_bw) + latency.
+
+Two ways of sending a token:
+* naive: one message per (token, expert) pair, as a plain all_to_all does;
+* dedup: one copy per destination *node* over the network, then one NVLink hop per distinct
+  destination GPU (DeepSeek-V3, DeepEP). With node-limited routing a token's experts lie on at
+  most `max_nodes` nodes (DeepSeek-V3 uses 4), capping the network copies per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interconnect:
+    """Per-GPU, one-direction bandwidths (GB/s = 1e9 B/s) and where they come from."""
+
+    name: str
+    nvlink_GBps: float
+    rdma_GBps: float
+    gpus_per_node: int = 8
+    latency_us: float = 0.0
+    source: str = ""
+
+    def __post_init__(self):
+        if not (self.nvlink_GBps > 0 and self.rdma_GBps > 0):
+            raise ValueError("Interconnect.nvlink_GBps and rdma_GBps must be positive")
+        if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1):
+            raise ValueError("Interconnect.gpus_per_node must be a positive int")
+        if self.latency_us < 0:
+            raise ValueError("Interconnect.latency_us must be >= 0")
+
+
+INTERCONNECTS: dict[str, Interconnect] = {
+    "H800 (peak)": Interconnect(
+        name="H800 (peak)", nvlink_GBps=160.0, rdma_GBps=50.0,
+        source="deepseekai2024v3 (NVLink 160 GB/s, InfiniBand 50 GB/s per GPU)"),
+    "H800 (DeepEP measured)": Interconnect(
+        name="H800 (DeepEP measured)", nvlink_GBps=153.0, rdma_GBps=43.0,
+        source="deepep2025 (V1 normal kernels: EP8 dispatch 153 GB/s NVLink, "
+               "EP16 dispatch 43 GB/s RDMA)"),
+    "H100 SXM (peak)": Interconnect(
+        name="H100 SXM (peak)", nvlink_GBps=450.0, rdma_GBps=50.0,
+        source="nvidia2022hopper (900 GB/s NVLink, both directions); one 400 Gb/s NIC per "
+               "GPU as in deepep2025"),
+}
+
+
+def expected_distinct_groups(n_groups: int, per_group: int, k: int) -> float:
+    """Expected number of groups hit when k distinct items are drawn uniformly from
+    n_groups groups of per_group items each (hypergeometric: 1 - C(N-m, k) / C(N, k))."""
+    n_items = n_groups * per_group
+    if not 1 <= k <= n_items:
+        raise ValueError(f"k must be in [1, {n_items}], got {k}")
+    miss = comb(n_items - per_group, k) / comb(n_items, k)
+    return n_groups * (1.0 - miss)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one GPU sends in one all-to-all, and the copies per token behind them."""
+
+    intra_bytes: float
+    inter_bytes: float
+    intra_copies: float  # NVLink copies per token
+    inter_copies: float  # network copies per token
+
+    def time_s(self, net: Interconnect) -> float:
+        t_intra = self.intra_bytes / (net.nvlink_GBps * 1e9)
+        t_inter = self.inter_bytes / (net.rdma_GBps * 1e9)
+        return max(t_intra, t_inter) + net.latency_us * 1e-6
+
+    def bottleneck(self, net: Interconnect) -> str:
+        t_intra = self.intra_bytes / net.nvlink_GBps
+        t_inter = self.inter_bytes / net.rdma_GBps
+        if t_intra == t_inter == 0:
+            return "none"
+        return "network" if t_inter >= t_intra else "NVLink"
+
+
+def _int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def dispatch_traffic(
+    *, tokens: int, d_model: int, top_k: int, n_experts: int, ep: int, gpus_per_node: int,
+    bytes_per_elem: float, max_nodes: int | None = None, dedup: bool = True,
+) -> Traffic:
+    """Per-GPU traffic of one dispatch (a combine moves the same volume back)."""
+    for name, v in (("tokens", tokens), ("d_model", d_model), ("top_k", top_k),
+                    ("n_experts", n_experts), ("ep", ep), ("gpus_per_node", gpus_per_node)):
+        _int(name, v)
+    if top_k > n_experts:
+        raise ValueError(f"top_k ({top_k}) exceeds n_experts ({n_experts})")
+    if n_experts % ep:
+        raise ValueError(f"ep ({ep}) must divide n_experts ({n_experts})")
+    if ep > gpus_per_node and ep % gpus_per_node:
+        raise ValueError(f"ep ({ep}) must be a multiple of gpus_per_node ({gpus_per_node}) "
+                         "when it spans nodes")
+    if not bytes_per_elem > 0:
+        raise ValueError(f"bytes_per_elem must be positive, got {bytes_per_elem!r}")
+    g = min(ep, gpus_per_node)
+    n = ep // g
+    m = n
+    if max_nodes is not None:
+        _int("max_nodes", max_nodes)
+        m = min(max_nodes, n)
+    if m * (n_experts // n) < top_k:
+        raise ValueError(f"max_nodes ({max_nodes}) leaves fewer than top_k experts to choose")
+    if dedup:
+        # The token's experts lie on m nodes (chosen uniformly); by symmetry a fraction
+        # (n - 1) / n of the nodes / (ep - 1) / ep of the GPUs it reaches are not its own.
+        nodes = expected_distinct_groups(m, n_experts // n, top_k)
+        gpus = expected_distinct_groups(m * g, n_experts // ep, top_k)
+        inter_copies = nodes * (n - 1) / n
+        intra_copies = gpus * (ep - 1) / ep
+    else:
+        inter_copies = top_k * (ep - g) / ep
+        intra_copies = top_k * (g - 1) / ep
+    per_copy = d_model * bytes_per_elem * tokens
+    return Traffic(intra_copies * per_copy, inter_copies * per_copy, intra_copies, inter_copies)
+
+
+def moe_layer_comm_time(
+    *, tokens: int, d_model: int, top_k: int, n_experts: int, ep: int, net: Interconnect,
+    dispatch_bytes: float = 1.0, combine_bytes: float = 2.0, max_nodes: int | None = None,
+    dedup: bool = True, training: bool = True,
+) -> float:
+    """Seconds of all-to-all per MoE layer per micro-batch: dispatch + combine, forward only
+    or forward and backward (the backward of a dispatch is a combine and vice versa).
+    Defaults follow DeepSeek-V3: FP8 dispatch (1 byte), BF16 combine (2 bytes)."""
+    kw = dict(tokens=tokens, d_model=d_model, top_k=top_k, n_experts=n_experts, ep=ep,
+              gpus_per_node=net.gpus_per_node, max_nodes=max_nodes, dedup=dedup)
+    fwd = (dispatch_traffic(bytes_per_elem=dispatch_bytes, **kw).time_s(net)
+           + dispatch_traffic(bytes_per_elem=combine_bytes, **kw).time_s(net))
+    # Backward moves the same volumes (gradients in BF16 both ways in DeepSeek-V3).
+    bwd = 2 * dispatch_traffic(bytes_per_elem=combine_bytes, **kw).time_s(net)
+    return fwd + bwd if training else fwd

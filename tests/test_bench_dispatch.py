@@ -1,0 +1,32 @@
+"""The dispatch benchmark runs end to end on a tiny shape and records what it promises."""
+
+import importlib.util
+import json
+
+from tests.chapters import ROOT
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_dispatch", ROOT / "benchmarks" / "bench_dispatch.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_tiny_shape_writes_result(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "r.json"
+    res = bench.main(
+        ["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4",
+         "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["median_s"].keys() == {"dense", "loop", "einsum", "sort", "sort_experts_only"}
+    assert saved["ratio_to_dense"]["dense"] == 1.0 == saved["paired_ratio_median"]["dense"]
+    assert all(len(v) == 2 for v in saved["times_s"].values())
+    assert sum(saved["tokens_per_expert"]) == 64 * 2
+    for key in ("cpu", "threads", "torch", "date"):
+        assert saved["machine"][key]
+    assert res["shape"]["tokens"] == 64

@@ -1,0 +1,74 @@
+"""Time one training step of the long-run tiny LM, dense vs each MoE variant, interleaved.
+
+    PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 2 --repeats 30
+    PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 1 --repeats 30 \
+        --out benchmarks/results/tinylm_step_time_1thread.json
+
+Every variant has the dense model's active FFN FLOPs per token, so the ratio to dense is the
+price of routing, dispatch and many small expert matmuls. Variants run in rotation in one
+process (so machine load hits them alike); medians and the ratio to the dense median are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moe_lab.data import get_batch, load_corpus
+from moe_lab.model import TinyLM
+from moe_lab.train import make_config, make_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="long")
+    p.add_argument("--variants", default="dense,moe8,fine,fine32,top1")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default="benchmarks/results/tinylm_step_time.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    corpus = load_corpus(max_code_bytes=1_000_000)
+    load_before = os.getloadavg()[0]
+    runs = {}
+    for v in args.variants.split(","):
+        cfg = make_config(args.config, v)
+        torch.manual_seed(0)
+        model = TinyLM(cfg.model)
+        runs[v] = (cfg, model, make_optimizer(model, cfg), [])
+    for rep in range(args.repeats + 2):  # the first two rounds are warm-up
+        for cfg, model, opt, times in runs.values():
+            x, y, _ = get_batch(corpus, "train", cfg.batch, seed=0, step=rep)
+            t = time.perf_counter()
+            loss = model(x, y).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if rep >= 2:
+                times.append(time.perf_counter() - t)
+    base = statistics.median(runs["dense"][3])
+    result = {
+        "config": args.config,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],  # other jobs on the machine
+        "median_step_s": {v: statistics.median(r[3]) for v, r in runs.items()},
+        "ratio_to_dense": {v: statistics.median(r[3]) / base for v, r in runs.items()},
+    }
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The trainer: seeded reproducibility, exact resume, clear checkpoint errors, schedule, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from moe_lab.config import MoEConfig
+from moe_lab.data import load_corpus
+from moe_lab.model import ModelConfig, TinyLM
+from moe_lab.train import (
+    TrainConfig,
+    lr_at,
+    main,
+    make_config,
+    routing_by_kind,
+    steps_to_reach,
+    train,
+    variant_moe,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_code_bytes=100_000)
+
+
+def tiny_cfg(steps=6, seed=0, d_model=16) -> TrainConfig:
+    moe = MoEConfig(d_model=d_model, d_ff=16, num_experts=4, top_k=2)
+    model = ModelConfig(block_size=16, d_model=d_model, n_layers=2, n_heads=2, d_ff=32, moe=moe)
+    return TrainConfig(
+        model=model, steps=steps, batch_size=4, eval_every=2, eval_batches=2, warmup=2, seed=seed
+    )
+
+
+def losses(log):
+    return [(e["step"], e["train_loss"], e["val_loss"], e["expert_load"]) for e in log["evals"]]
+
+
+def test_same_seed_same_losses(corpus):
+    _, a = train(tiny_cfg(), corpus=corpus, progress=False)
+    _, b = train(tiny_cfg(), corpus=corpus, progress=False)
+    _, c = train(tiny_cfg(seed=1), corpus=corpus, progress=False)
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+    assert [e["step"] for e in a["evals"]] == [2, 4, 6]
+    assert all(abs(sum(row) - 1) < 1e-6 for e in a["evals"] for row in e["expert_load"])
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    cfg = tiny_cfg(steps=6)
+    straight, log = train(cfg, corpus=corpus, progress=False)
+    train(cfg, out=tmp_path, stop_at=3, corpus=corpus, progress=False)  # stops mid-interval
+    resumed, log2 = train(cfg, out=tmp_path, resume=True, corpus=corpus, progress=False)
+    assert losses(log2) == losses(log)
+    theirs = resumed.state_dict()
+    for name, a in straight.state_dict().items():
+        assert torch.equal(a, theirs[name]), name
+    saved = json.loads((tmp_path / "log.json").read_text())
+    assert losses(saved) == losses(log)
+
+
+def test_bad_checkpoints_give_clear_errors(corpus, tmp_path):
+    cfg = tiny_cfg(steps=2)
+    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+        train(cfg, out=tmp_path, resume=True, corpus=corpus, progress=False)
+    train(cfg, out=tmp_path, corpus=corpus, progress=False)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(ValueError, match=r"ckpt\.pt.*d_model: 16 in checkpoint, 8 now"):
+        train(tiny_cfg(steps=2, d_model=8), out=tmp_path, resume=True, corpus=corpus)
+    with pytest.raises(ValueError, match=r"ckpt\.pt.*seed: 0 in checkpoint, 1 now"):
+        train(tiny_cfg(steps=2, seed=1), out=tmp_path, resume=True, corpus=corpus)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=r"ckpt\.pt is not a readable checkpoint"):
+        train(cfg, out=tmp_path, resume=True, corpus=corpus, progress=False)
+    torch.save({"format": "something else"}, ckpt)
+    with pytest.raises(ValueError, match="is not a moe_lab.tinylm/1 checkpoint"):
+        train(cfg, out=tmp_path, resume=True, corpus=corpus, progress=False)
+
+
+def test_schedule_and_interpolation():
+    cfg = make_config("short", "dense")
+    assert lr_at(cfg, 0) == pytest.approx(cfg.lr / cfg.warmup)
+    assert lr_at(cfg, cfg.warmup) == pytest.approx(cfg.lr)
+    assert lr_at(cfg, cfg.steps) == pytest.approx(cfg.lr * cfg.min_lr_frac)
+    evals = [{"step": 10, "val_loss": 3.0}, {"step": 20, "val_loss": 2.0}]
+    assert steps_to_reach(evals, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(evals, 3.5) == 10.0
+    assert steps_to_reach(evals, 1.0) is None
+
+
+def test_variants_keep_active_ffn_size():
+    for variant in ("moe8", "fine", "fine32", "top1", "nobal"):
+        moe = variant_moe(variant, 64, 256)
+        assert moe.d_ff * moe.top_k == 256
+        assert moe.d_ff * moe.num_experts == 4 * 256
+    assert variant_moe("nobal", 64, 256).aux_loss_coef == 0
+    # Top-1 gates with the raw probability; renormalised it would be 1 and the router untrained.
+    assert variant_moe("top1", 64, 256).normalize_weights is False
+    with pytest.raises(ValueError, match="variant"):
+        variant_moe("huge", 64, 256)
+    with pytest.raises(ValueError, match="config"):
+        make_config("medium", "dense")
+    with pytest.raises(ValueError, match="steps"):
+        make_config("short", "dense", steps=0)
+
+
+def test_cli_writes_log(tmp_path):
+    log = main(["--config", "short", "--variant", "top1", "--steps", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "log.json").read_text())
+    assert saved["variant"] == "top1" and saved["evals"][-1]["step"] == 3
+    assert saved["command"].startswith("python -m moe_lab.train --config short")
+    assert log["params_total"] > log["params_active"]
+    assert (tmp_path / "ckpt.pt").is_file()
+
+
+def test_routing_by_kind_counts_every_assignment(corpus):
+    cfg = tiny_cfg(steps=2)
+    model, _ = train(cfg, corpus=corpus, progress=False)
+    counts = routing_by_kind(model, corpus, cfg, batches=3)
+    assert counts.shape == (2, 2, 4)
+    tokens = 3 * cfg.batch_size * cfg.model.block_size
+    assert counts.sum(dim=(1, 2)).tolist() == [tokens * 2] * 2  # k=2 assignments a token
+    prose_rows = cfg.batch.prose_rows
+    assert int(counts[0, 0].sum()) == 3 * prose_rows * cfg.model.block_size * 2
+
+
+def test_chapter_config_is_reproducible(corpus):
+    """The chapter's own (short) config, same seed, twice: the same losses (first 25 steps)."""
+    cfg = make_config("short", "moe8", seed=0)
+    _, a = train(cfg, stop_at=25, corpus=corpus, progress=False)
+    _, b = train(cfg, stop_at=25, corpus=corpus, progress=False)
+    assert len(a["evals"]) == 1 and losses(a) == losses(b)
+
+
+def test_top1_router_learns_from_the_language_model_loss():
+    """With k=1 the gate must stay the raw probability, or the CE gives the router no gradient."""
+    torch.manual_seed(0)
+    cfg = make_config("short", "top1")
+    model = TinyLM(cfg.model)
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x).ce.backward()
+    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 1e-3  # renormalised: ~1e-7

@@ -34,7 +34,11 @@ def grouped_mm_torch(
 ) -> torch.Tensor:
     """PyTorch's own grouped matmul (``F.grouped_mm``): every expert's block in one call."""
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each expert's block
-    return F.grouped_mm(x_NK, w_EKM, offs=offs_E)  # (N, M)
+    out_NM = F.grouped_mm(x_NK, w_EKM, offs=offs_E)
+    if out_NM.requires_grad:
+        # its backward rejects a broadcast gradient (e.g. from out.sum()): hand it a dense one
+        out_NM.register_hook(lambda g: g.contiguous())
+    return out_NM  # (N, M)
 
 
 def torch_grouped_mm_applies(x_NK: torch.Tensor, *weights: torch.Tensor | None) -> bool:

@@ -125,3 +125,17 @@ def test_forward_sorted_paths_equal_per_expert_reference(counts, pad_limit, dtyp
     torch.testing.assert_close(y, ref, **tol)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_torch_grouped_mm_takes_a_broadcast_gradient():
+    """out.sum().backward() hands the grouped matmul an expanded (stride-0) gradient."""
+    from moe_lab.experts import Experts
+
+    torch.manual_seed(0)
+    ex = Experts(3, 8, 12)
+    c = torch.tensor([5, 0, 3])
+    x = torch.randn(8, 8, requires_grad=True)
+    ex.forward_sorted(x, c, pad_limit=0.0).sum().backward()
+    ref = torch.cat([ex.forward_expert(e, b) for e, b in enumerate(torch.split(x, [5, 0, 3]))])
+    (gx,) = torch.autograd.grad(ref.sum(), [x])
+    torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-5)

@@ -12,12 +12,17 @@ ACTIVATIONS = ("swiglu", "gelu")
 ROUTERS = ("top_k", "expert_choice")
 
 
-def check_positive_int(name: str, value) -> None:
-    """Raise TypeError/ValueError unless ``value`` is an int (not a bool) greater than zero."""
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Raise TypeError/ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise TypeError/ValueError unless ``value`` is an int (not a bool) greater than zero."""
+    check_int(name, value, 1)
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:

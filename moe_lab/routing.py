@@ -12,7 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moe_lab.config import SCORES, check_capacity_factor, check_choice, check_positive_int
+from moe_lab.config import (
+    SCORES,
+    check_capacity_factor,
+    check_choice,
+    check_int,
+    check_positive_int,
+)
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
@@ -97,10 +103,7 @@ def noisy_logits(
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert: ceil(capacity_factor * top_k * num_tokens / num_experts)."""
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    check_int("num_tokens", num_tokens, 0)
     check_positive_int("num_experts", num_experts)
     check_positive_int("top_k", top_k)
     check_capacity_factor(capacity_factor)
@@ -130,10 +133,7 @@ def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> tor
     """Which assignments fit in their expert's ``capacity`` slots, GShard priority: bool (T, k)."""
     check_positive_int("num_experts", num_experts)
     _check_indices(indices, num_experts)
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    check_int("capacity", capacity, 0)
     return expert_positions(indices.long(), num_experts) < capacity
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from moe_lab.config import check_int
+
 ActiveEmbeddings = Literal["both", "output", "none"]
 
 
 def _check_int(owner: str, name: str, value, *, minimum: int = 1) -> None:
     """Raise TypeError/ValueError naming `owner.name` unless value is an int >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
+    check_int(f"{owner}.{name}", value, minimum)
 
 
 @dataclass(frozen=True, kw_only=True)

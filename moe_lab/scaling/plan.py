@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_lab.config import check_int
+
 from .arch import Architecture
 from .budget import GPU, GPUS
 from .comm import INTERCONNECTS, Interconnect
@@ -44,13 +46,6 @@ PRECISIONS: dict[str, Precision] = {
 }
 
 
-def _int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ClusterPlan:
     """Parallel degrees and batch for training `model` on `n_gpus` GPUs; validated."""
@@ -76,8 +71,8 @@ class ClusterPlan:
         if not isinstance(self.model, Architecture):
             raise TypeError(f"model must be an Architecture, got {type(self.model).__name__}")
         for name in ("n_gpus", "tp", "pp", "ep", "micro_batch", "seq_len"):
-            _int(name, getattr(self, name))
-        _int("zero_stage", self.zero_stage, 0)
+            check_int(name, getattr(self, name))
+        check_int("zero_stage", self.zero_stage, 0)
         if self.zero_stage > 3:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         m, g = self.model, self.net.gpus_per_node
@@ -85,7 +80,7 @@ class ClusterPlan:
             raise ValueError(f"n_gpus ({self.n_gpus}) must be divisible by tp * pp "
                              f"({self.tp} * {self.pp} = {self.tp * self.pp})")
         if self.dp is not None:
-            _int("dp", self.dp)
+            check_int("dp", self.dp)
             if self.tp * self.pp * self.dp != self.n_gpus:
                 raise ValueError(f"dp ({self.dp}) must equal n_gpus / (tp * pp) = "
                                  f"{self.n_gpus // (self.tp * self.pp)}")
@@ -118,7 +113,7 @@ class ClusterPlan:
         if self.recompute not in ("none", "full"):
             raise ValueError(f"recompute must be 'none' or 'full', got {self.recompute!r}")
         if self.max_nodes is not None:
-            _int("max_nodes", self.max_nodes)
+            check_int("max_nodes", self.max_nodes)
         if not 0 < self.compute_efficiency <= 1:
             raise ValueError("compute_efficiency must be in (0, 1]")
 

@@ -9,13 +9,7 @@ from moe_lab.model import ModelConfig, TinyLM, count_params
 D, F = 16, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(moe: MoEConfig | None = None, **kw) -> ModelConfig:

@@ -23,7 +23,7 @@ from moe_lab.config import MoEConfig, check_positive_int
 from moe_lab.data import BatchConfig, Corpus, get_batch, load_corpus
 from moe_lab.model import ModelConfig, TinyLM, count_params
 
-VARIANTS = ("dense", "moe8", "fine", "fine32", "top1", "nobal")
+VARIANTS = ("dense", "moe8", "fine", "fine32", "moe16", "fine32k4", "top1", "nobal")
 
 
 @dataclass(kw_only=True)
@@ -83,6 +83,11 @@ PRESETS = {
         model=dict(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256),
         train=dict(steps=1000, batch_size=32, eval_every=50, eval_batches=8, warmup=50),
     ),
+    # The issue's scale (d_model 192), trained twice as long: the main sparse-scaling result.
+    "wide": dict(
+        model=dict(block_size=64, d_model=192, n_layers=4, n_heads=4, d_ff=768),
+        train=dict(steps=2000, batch_size=32, eval_every=50, eval_batches=16, warmup=100),
+    ),
     # A first, wider attempt (about 1.7 training bytes per dense parameter); kept for the record.
     "long_d96": dict(
         model=dict(block_size=64, d_model=96, n_layers=4, n_heads=4, d_ff=384),
@@ -95,17 +100,23 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
     """The FFN of each variant, all with the dense FFN's active hidden size per token.
 
     moe8: E=8, k=2, hidden d_ff/2. fine: E=16, k=4, hidden d_ff/4 (DeepSeekMoE-style);
-    fine32: E=32, k=8, hidden d_ff/8.
-    top1: E=4, k=1, hidden d_ff (Switch). nobal: moe8 without the auxiliary loss.
-    All MoE variants have 4x the dense FFN's parameters in total.
+    fine32: E=32, k=8, hidden d_ff/8. top1: E=4, k=1, hidden d_ff (Switch).
+    nobal: moe8 without the auxiliary loss. These have 4x the dense FFN's parameters in total;
+    moe16 (E=16, k=2, hidden d_ff/2) and fine32k4 (E=32, k=4, hidden d_ff/4) have 8x.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "dense":
         return None
-    E, k = {"moe8": (8, 2), "fine": (16, 4), "fine32": (32, 8), "top1": (4, 1), "nobal": (8, 2)}[
-        variant
-    ]
+    E, k = {
+        "moe8": (8, 2),
+        "fine": (16, 4),
+        "fine32": (32, 8),
+        "moe16": (16, 2),
+        "fine32k4": (32, 4),
+        "top1": (4, 1),
+        "nobal": (8, 2),
+    }[variant]
     if d_ff % k:
         raise ValueError(f"d_ff={d_ff} must be divisible by top_k={k} for variant {variant!r}")
     return MoEConfig(

@@ -9,6 +9,8 @@ from moe_lab.config import MoEConfig
 from moe_lab.data import load_corpus
 from moe_lab.model import ModelConfig, TinyLM
 from moe_lab.train import (
+    PRESETS,
+    VARIANTS,
     TrainConfig,
     lr_at,
     main,
@@ -92,10 +94,11 @@ def test_schedule_and_interpolation():
 
 
 def test_variants_keep_active_ffn_size():
-    for variant in ("moe8", "fine", "fine32", "top1", "nobal"):
+    for variant in ("moe8", "fine", "fine32", "top1", "nobal", "moe16", "fine32k4"):
         moe = variant_moe(variant, 64, 256)
         assert moe.d_ff * moe.top_k == 256
-        assert moe.d_ff * moe.num_experts == 4 * 256
+        total = 8 if variant in ("moe16", "fine32k4") else 4
+        assert moe.d_ff * moe.num_experts == total * 256
     assert variant_moe("nobal", 64, 256).aux_loss_coef == 0
     # Top-1 gates with the raw probability; renormalised it would be 1 and the router untrained.
     assert variant_moe("top1", 64, 256).normalize_weights is False
@@ -143,3 +146,13 @@ def test_top1_router_learns_from_the_language_model_loss():
     x = torch.randint(0, 256, (2, 16))
     model(x, x).ce.backward()
     assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 1e-3  # renormalised: ~1e-7
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_and_variant_has_dense_active_ffn(preset):
+    """Every variant of every preset builds, with the dense model's active FFN width."""
+    dense = make_config(preset, "dense").model
+    for variant in VARIANTS[1:]:
+        moe = make_config(preset, variant).model.moe
+        assert moe.d_model == dense.d_model
+        assert moe.d_ff * moe.top_k == dense.d_ff

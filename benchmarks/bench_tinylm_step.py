@@ -3,9 +3,13 @@
     PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 2 --repeats 30
     PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 1 --repeats 30 \
         --out benchmarks/results/tinylm_step_time_1thread.json
+    PYTHONPATH=. python benchmarks/bench_tinylm_step.py --config wide --repeats 30 \
+        --variants dense,moe8,fine,moe16,fine32k4,top1 \
+        --out benchmarks/results/tinylm_wide_step_time.json
 
 Every variant has the dense model's active FFN FLOPs per token, so the ratio to dense is the
-price of routing, dispatch and many small expert matmuls. Variants run in rotation in one
+price of routing, dispatch, many small expert matmuls and an optimizer step over more
+parameters (timed apart: forward+backward, then AdamW). Variants run in rotation in one
 process (so machine load hits them alike); medians and the ratio to the dense median are saved.
 """
 
@@ -26,16 +30,17 @@ from moe_lab.model import TinyLM
 from moe_lab.train import make_config, make_optimizer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="long")
     p.add_argument("--variants", default="dense,moe8,fine,fine32,top1")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--max-code-bytes", type=int, default=1_000_000, help="corpus size (speed)")
     p.add_argument("--out", default="benchmarks/results/tinylm_step_time.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    corpus = load_corpus(max_code_bytes=1_000_000)
+    corpus = load_corpus(max_code_bytes=args.max_code_bytes)
     load_before = os.getloadavg()[0]
     runs = {}
     for v in args.variants.split(","):
@@ -46,14 +51,18 @@ def main() -> None:
     for rep in range(args.repeats + 2):  # the first two rounds are warm-up
         for cfg, model, opt, times in runs.values():
             x, y, _ = get_batch(corpus, "train", cfg.batch, seed=0, step=rep)
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             loss = model(x, y).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            t1 = time.perf_counter()
             opt.step()
+            t2 = time.perf_counter()
             if rep >= 2:
-                times.append(time.perf_counter() - t)
-    base = statistics.median(runs["dense"][3])
+                times.append((t2 - t0, t1 - t0, t2 - t1))  # step, forward+backward, AdamW
+    med = {v: [statistics.median(t[i] for t in r[3]) for i in range(3)] for v, r in runs.items()}
+    base = med["dense"][0]
+    dense_times = runs["dense"][3]
     result = {
         "config": args.config,
         "threads": args.threads,
@@ -62,12 +71,20 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "load_average_1min": [load_before, os.getloadavg()[0]],  # other jobs on the machine
-        "median_step_s": {v: statistics.median(r[3]) for v, r in runs.items()},
-        "ratio_to_dense": {v: statistics.median(r[3]) / base for v, r in runs.items()},
+        "median_step_s": {v: m[0] for v, m in med.items()},
+        "median_fwd_bwd_s": {v: m[1] for v, m in med.items()},
+        "median_optimizer_s": {v: m[2] for v, m in med.items()},
+        "ratio_to_dense": {v: m[0] / base for v, m in med.items()},
+        # the ratio within each round (variants ran back to back), then its median
+        "per_round_ratio_to_dense": {
+            v: statistics.median(t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True))
+            for v, r in runs.items()
+        },
     }
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""The tiny-LM step benchmark runs end to end on the short preset and records what it promises."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.chapters import ROOT
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_tinylm_step", ROOT / "benchmarks" / "bench_tinylm_step.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_short_preset_writes_result(tmp_path):
+    out = tmp_path / "r.json"
+    res = load_bench().main(
+        ["--config", "short", "--variants", "dense,moe8", "--threads", "1", "--repeats", "2",
+         "--max-code-bytes", "100000", "--out", str(out)]
+    )
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert saved["ratio_to_dense"]["dense"] == 1.0 == saved["per_round_ratio_to_dense"]["dense"]
+    for v in ("dense", "moe8"):
+        step, parts = saved["median_step_s"][v], saved["median_fwd_bwd_s"][v]
+        assert 0 < parts < step
+        assert saved["median_optimizer_s"][v] > 0
+        assert saved["ratio_to_dense"][v] == pytest.approx(step / saved["median_step_s"]["dense"])

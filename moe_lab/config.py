@@ -46,7 +46,8 @@ class MoEConfig:
     """Configuration of one MoE layer: sizes, routing, capacity, dispatch implementation.
 
     ``capacity_factor=None`` means dropless. Loss coefficients live here and are applied by the
-    training code; the layer itself returns the unweighted losses.
+    training code; the layer itself returns the unweighted losses. ``shared_d_ff > 0`` adds a
+    shared expert (DeepSeekMoE): an FFN of that hidden size that every token goes through.
     """
 
     d_model: int
@@ -63,10 +64,12 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
+    shared_d_ff: int = 0
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             check_positive_int(name, getattr(self, name))
+        check_int("shared_d_ff", self.shared_d_ff, minimum=0)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}"

@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_lab.config import MoEConfig
 from moe_lab.dispatch import get_dispatch
-from moe_lab.experts import Experts
+from moe_lab.experts import FFN, Experts
 from moe_lab.losses import load_balancing_loss, router_z_loss
 from moe_lab.routing import (
     capacity_mask,
@@ -94,6 +94,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation)
+        # DeepSeekMoE shared expert: every token goes through it, next to its routed experts.
+        self.shared = FFN(cfg.d_model, cfg.shared_d_ff, cfg.activation) if cfg.shared_d_ff else None
         self.noise = (
             nn.Linear(cfg.d_model, cfg.num_experts, bias=False) if cfg.noisy_gating else None
         )
@@ -133,8 +135,15 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, cfg.d_model)
         logits_TE = self.router_logits(x_TD)
         if cfg.router == "expert_choice":
-            return self._forward_expert_choice(x, x_TD, logits_TE, router_z_loss(logits_TE))
+            out = self._forward_expert_choice(x, x_TD, logits_TE, router_z_loss(logits_TE))
+        else:
+            out = self._forward_top_k(x, x_TD, logits_TE)
+        if self.shared is not None:
+            out.y = out.y + self.shared(x)
+        return out
 
+    def _forward_top_k(self, x, x_TD, logits_TE) -> MoEOutput:
+        cfg = self.cfg
         r = route_tokens(cfg, logits_TE, self.route)
         kept = r.indices_Tk if r.keep_Tk is None else r.indices_Tk[r.keep_Tk]
         tokens_per_expert = torch.bincount(kept.reshape(-1), minlength=cfg.num_experts)

@@ -150,3 +150,36 @@ def test_nan_router_logits_are_reported():
 def test_cfg_must_be_config():
     with pytest.raises(TypeError, match="MoEConfig"):
         MoE({"d_model": 8})
+
+
+@pytest.mark.parametrize("router", ["top_k", "expert_choice"])
+def test_shared_expert_adds_a_dense_ffn_to_the_routed_output(router):
+    """shared_d_ff > 0 (DeepSeekMoE): y = routed(x) + shared FFN(x), gradients included."""
+    kw = dict(d_model=6, d_ff=4, num_experts=4, top_k=2, router=router,
+              capacity_factor=1.0 if router == "expert_choice" else None)
+    torch.manual_seed(0)
+    with_shared = MoE(MoEConfig(**kw, shared_d_ff=5)).double()
+    routed = MoE(MoEConfig(**kw)).double()
+    routed.load_state_dict(
+        {k: v for k, v in with_shared.state_dict().items() if not k.startswith("shared.")}
+    )
+    ffn = FFN(6, 5).double()
+    ffn.load_state_dict({k.removeprefix("shared."): v for k, v in with_shared.state_dict().items()
+                         if k.startswith("shared.")})
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = with_shared(x)
+    ref = routed(x_ref).y + ffn(x_ref)
+    torch.testing.assert_close(out.y, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    (out.y * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(with_shared.shared.w_up.grad, ffn.w_up.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(with_shared.router.weight.grad, routed.router.weight.grad)
+
+
+@pytest.mark.parametrize("bad, exc", [(-1, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_shared_d_ff_is_validated(bad, exc):
+    with pytest.raises(exc, match="shared_d_ff"):
+        MoEConfig(d_model=4, d_ff=4, num_experts=2, shared_d_ff=bad)

@@ -37,7 +37,7 @@ from moe_lab.parallel.traffic import dedup_node_rows, dispatch_rows, node_matrix
 from moe_lab.routing import router_probs, top_k_routing
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOAT_KEYS = ("y", "aux_loss", "z_loss", "x_grad", "expert_grad", "router_grad")
+FLOAT_KEYS = ("y", "aux_loss", "z_loss", "x_grad", "expert_grad", "router_grad", "shared_grad")
 
 
 # ---------------------------------------------------------------- node-limited routing
@@ -161,6 +161,7 @@ CASES = [
     {"capacity_factor": 1.0},
     {"capacity_factor": 0.5, "activation": "gelu", "top_k": 1},
     {"capacity_factor": 1.25, "num_experts": 16, "top_k": 4, "tokens": 9},
+    {"shared_d_ff": 6},  # a replicated shared expert (DeepSeekMoE)
 ]
 
 

@@ -38,6 +38,7 @@ def make_case(
     tokens: int = 6,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    shared_d_ff: int = 0,
 ):
     """A seeded layer and per-rank inputs built identically on every rank.
 
@@ -49,7 +50,7 @@ def make_case(
     # top-1 runs Switch-style (unnormalised), so the router gradient is checked, not just zero
     cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
                     capacity_factor=capacity_factor, activation=activation,
-                    normalize_weights=top_k > 1)
+                    normalize_weights=top_k > 1, shared_d_ff=shared_d_ff)
     torch.manual_seed(seed)
     moe = MoE(cfg).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -141,7 +142,11 @@ def equivalence(
         ref_xs = [xi.clone().requires_grad_() for xi in xs]
         refs = [unsharded(moe, xi, nl) for xi in ref_xs]
         losses = [_loss(o, g) for o, g in zip(refs, gs, strict=True)]
-        router_local = torch.autograd.grad(losses[rank], moe.router.weight, retain_graph=True)[0]
+        # router and shared expert are replicated: their gradients are this rank's tokens' only
+        shared = list(moe.shared.parameters()) if moe.shared is not None else []
+        router_local, *shared_local = torch.autograd.grad(
+            losses[rank], [moe.router.weight, *shared], retain_graph=True
+        )
         sum(losses).backward()  # expert gradients: every rank's tokens
         ref = refs[rank]
         sl = slice(ep.first_expert, ep.first_expert + ep.num_local)
@@ -157,6 +162,12 @@ def equivalence(
             "x_grad": _maxdiff(x.grad, ref_xs[rank].grad),
             "expert_grad": expert_err,
             "router_grad": _maxdiff(ep.router.weight.grad, router_local),
+            "shared_grad": max(
+                (_maxdiff(_grad(p), g)
+                 for p, g in zip(ep.shared.parameters() if shared else [], shared_local,
+                                 strict=True)),
+                default=0.0,
+            ),
             "ints_equal": bool(torch.equal(out.tokens_per_expert, ref.tokens_per_expert)
                                and out.dropped == ref.dropped
                                and torch.equal(global_load, ref_load)),

@@ -13,6 +13,7 @@ Rank r of W holds experts [r*E/W, (r+1)*E/W); the router is replicated. A forwar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -63,9 +64,10 @@ class ExpertParallelMoE(nn.Module):
     """An MoE layer whose E experts are split over W ranks; forward(x_local) equals MoE(x_local).
 
     Build it with ``from_moe``. Parameters keep the unsharded names: ``router.weight`` (E, D)
-    replicated; ``experts.w_gate``/``w_up`` (E/W, D, F) and ``experts.w_down`` (E/W, F, D) hold
-    this rank's slice. Expert gradients from every rank's tokens arrive through the all-to-all's
-    backward (summed over ranks); router gradients are local, as in data parallelism.
+    and a shared expert's ``shared.*`` are replicated; ``experts.w_gate``/``w_up`` (E/W, D, F)
+    and ``experts.w_down`` (E/W, F, D) hold this rank's slice. Expert gradients from every
+    rank's tokens arrive through the all-to-all's backward (summed over ranks); router and
+    shared-expert gradients are local, as in data parallelism.
     """
 
     def __init__(self, moe: MoE, group=None, *, node_limit: NodeLimit | None = None):
@@ -90,6 +92,8 @@ class ExpertParallelMoE(nn.Module):
         if moe.noise is not None:
             self.noise = nn.Linear(cfg.d_model, cfg.num_experts, bias=False, dtype=w.dtype)
             self.noise.to(w.device)
+        # a shared expert is replicated, like the router: every rank runs it on its own tokens
+        self.shared = copy.deepcopy(moe.shared) if moe.shared is not None else None
         self.register_buffer("expert_bias", moe.expert_bias.detach().clone())
         sl = slice(self.first_expert, self.first_expert + self.num_local)
         with torch.no_grad():
@@ -227,6 +231,8 @@ class ExpertParallelMoE(nn.Module):
 
         w_N = weights_Tk.to(x.dtype).reshape(-1)[order_N]
         y_TD = torch.zeros_like(x_TD).index_add(0, token_of_N, h_ND * w_N.unsqueeze(-1))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
         return ExpertParallelOutput(
             y=y_TD.view(x.shape),
             aux_loss=r.aux_loss,

@@ -108,6 +108,24 @@ class _GatherTokens(torch.autograd.Function):
         return g_TkD.sum(1), None, None, None
 
 
+class _WeightedSum(torch.autograd.Function):
+    """y_TD = sum_j w_Tk[:, j] * h_TkD[:, j]: one batched matmul forward; the backward is two
+    broadcast products, as bmm's own backward over T tiny (1, k) x (k, D) matrices is slow on
+    CPU (a loop over the batch)."""
+
+    @staticmethod
+    def forward(ctx, w_Tk, h_TkD):
+        ctx.save_for_backward(w_Tk, h_TkD)
+        return torch.bmm(w_Tk.unsqueeze(1), h_TkD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        w_Tk, h_TkD = ctx.saved_tensors
+        g_w = (h_TkD * g_TD.unsqueeze(1)).sum(-1) if ctx.needs_input_grad[0] else None
+        g_h = w_Tk.unsqueeze(-1) * g_TD.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return g_w, g_h
+
+
 def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
     """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
     T, k = indices_Tk.shape
@@ -118,7 +136,7 @@ def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
     x_ND = _GatherTokens.apply(x_TD, token_of, inv, k)  # (T*k, D) grouped by expert
     h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
     h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
-    return torch.bmm(weights_Tk.unsqueeze(1), h_TkD).squeeze(1)  # (T, D) weighted sum
+    return _WeightedSum.apply(weights_Tk, h_TkD)  # (T, D) weighted sum
 
 
 def dispatch_sort(

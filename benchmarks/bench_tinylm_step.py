@@ -4,7 +4,6 @@
     PYTHONPATH=. python benchmarks/bench_tinylm_step.py --threads 1 --repeats 30 \
         --out benchmarks/results/tinylm_step_time_1thread.json
     PYTHONPATH=. python benchmarks/bench_tinylm_step.py --config wide --repeats 30 \
-        --variants dense,moe8,fine,moe16,fine32k4,top1 \
         --out benchmarks/results/tinylm_wide_step_time.json
 
 Every variant has the dense model's active FFN FLOPs per token, so the ratio to dense is the
@@ -20,7 +19,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -29,11 +30,16 @@ from moe_lab.data import get_batch, load_corpus
 from moe_lab.model import TinyLM
 from moe_lab.train import make_config, make_optimizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dispatch import cpu_model  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="long")
-    p.add_argument("--variants", default="dense,moe8,fine,fine32,top1")
+    p.add_argument(
+        "--variants", default="dense,moe8,fine,fine32,moe16,fine32k4,shared,top1,nobal"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--max-code-bytes", type=int, default=1_000_000, help="corpus size (speed)")
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": args.config,
         "threads": args.threads,
         "repeats": args.repeats,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()} {cpu_model()}",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "load_average_1min": [load_before, os.getloadavg()[0]],  # other jobs on the machine

@@ -25,6 +25,7 @@ def test_bench_short_preset_writes_result(tmp_path):
     )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
+    assert saved["date"] and saved["machine"] and saved["threads"] == 1
     assert saved["ratio_to_dense"]["dense"] == 1.0 == saved["per_round_ratio_to_dense"]["dense"]
     for v in ("dense", "moe8"):
         step, parts = saved["median_step_s"][v], saved["median_fwd_bwd_s"][v]

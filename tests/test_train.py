@@ -155,4 +155,4 @@ def test_every_preset_and_variant_has_dense_active_ffn(preset):
     for variant in VARIANTS[1:]:
         moe = make_config(preset, variant).model.moe
         assert moe.d_model == dense.d_model
-        assert moe.d_ff * moe.top_k == dense.d_ff
+        assert moe.d_ff * moe.top_k + moe.shared_d_ff == dense.d_ff

@@ -104,3 +104,13 @@ def stage_executed_book(dest: Path) -> Path:
             target.unlink()
             nbformat.write(executed(path), target.with_suffix(".ipynb"))
     return dest
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

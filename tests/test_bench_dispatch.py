@@ -1,18 +1,12 @@
 """The dispatch benchmark runs end to end on a tiny shape and records what it promises."""
 
-import importlib.util
 import json
 
-from tests.chapters import ROOT
+from tests.chapters import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_dispatch", ROOT / "benchmarks" / "bench_dispatch.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_dispatch")
 
 
 def test_bench_tiny_shape_writes_result(tmp_path):

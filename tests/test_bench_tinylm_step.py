@@ -1,20 +1,14 @@
 """The tiny-LM step benchmark runs end to end on the short preset and records what it promises."""
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.chapters import ROOT
+from tests.chapters import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_tinylm_step", ROOT / "benchmarks" / "bench_tinylm_step.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_tinylm_step")
 
 
 def test_bench_short_preset_writes_result(tmp_path):

@@ -17,7 +17,7 @@ from moe_lab.kernels import (
     tiles_for,
 )
 from moe_lab.kernels.gemm_kernels import tile_schedule
-from tests.chapters import ROOT
+from tests.chapters import ROOT, load_benchmark
 
 SMALL = Tiles(block_m=16, block_n=16, block_k=16)  # several tiles even at tiny shapes
 # Worst elementwise error allowed against float64 (relative and absolute): the kernel
@@ -243,13 +243,7 @@ def test_roofline_ridge_tokens():
 
 
 def _load_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_triton",
-                                                  ROOT / "benchmarks" / "bench_triton.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_triton")
 
 
 class _WallClockEvent:

@@ -2,7 +2,8 @@
 
 Prose is the English help text in ``pydoc_data.topics``; code is the Python standard library's
 own source (tests and IDLE left out). Both ship with every CPython install, so nothing is
-downloaded. Documents are split into train/validation by a seeded shuffle, per kind.
+downloaded. Documents are split into train/validation by a seeded shuffle, per kind, and the
+validation set is one fixed set of evenly spaced windows, the same for every run and seed.
 """
 
 from __future__ import annotations
@@ -138,3 +139,35 @@ def get_batch(corpus: Corpus, split: str, cfg: BatchConfig, *, seed: int, step: 
         rows.append(torch.stack([data[s : s + L + 1] for s in starts.tolist()]))
     xy = torch.cat(rows).long()  # (B, L + 1)
     return xy[:, :-1], xy[:, 1:], kind_B
+
+
+# The fixed validation set: windows per kind, a quarter prose as in the default training mix.
+VAL_WINDOWS = {"prose": 512, "code": 1536}
+
+
+def validation_windows(
+    corpus: Corpus, block_size: int, *, windows: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed validation set: (x (N, L), y (N, L), kind (N,)), prose rows first.
+
+    Starts are evenly spaced over each kind's validation stream, so the set depends on neither
+    the training seed nor the step: every run, seed and variant is scored on the same bytes.
+    """
+    check_positive_int("block_size", block_size)
+    windows = dict(VAL_WINDOWS if windows is None else windows)
+    if set(windows) != set(KINDS):
+        raise ValueError(f"windows must give a count for each of {KINDS}, got {sorted(windows)}")
+    rows, kinds = [], []
+    for kind_id, kind in enumerate(KINDS):
+        n = windows[kind]
+        check_positive_int(f"windows[{kind!r}]", n)
+        data = corpus.streams["val"][kind]
+        if data.numel() < block_size + 1:
+            raise ValueError(
+                f"the val/{kind} stream has {data.numel()} bytes, need {block_size + 1}"
+            )
+        starts = torch.linspace(0, data.numel() - block_size - 1, n).round().long()
+        rows.append(torch.stack([data[s : s + block_size + 1] for s in starts.tolist()]))
+        kinds.append(torch.full((n,), kind_id, dtype=torch.long))
+    xy = torch.cat(rows).long()  # (N, L + 1)
+    return xy[:, :-1], xy[:, 1:], torch.cat(kinds)

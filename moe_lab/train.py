@@ -20,8 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_lab.config import MoEConfig, check_positive_int
-from moe_lab.data import BatchConfig, Corpus, get_batch, load_corpus
+from moe_lab.data import (
+    VAL_WINDOWS,
+    BatchConfig,
+    Corpus,
+    get_batch,
+    load_corpus,
+    validation_windows,
+)
 from moe_lab.model import ModelConfig, TinyLM, count_params
+from moe_lab.provenance import machine_record
 
 VARIANTS = ("dense", "moe8", "fine", "fine32", "moe16", "fine32k4", "shared", "top1", "nobal")
 
@@ -41,7 +49,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_lr_scale: float = 1.0
     eval_every: int = 50
-    eval_batches: int = 8
+    # The fixed validation set (moe_lab.data.validation_windows): windows per kind.
+    val_prose_windows: int = VAL_WINDOWS["prose"]
+    val_code_windows: int = VAL_WINDOWS["code"]
     ckpt_every: int = 0  # 0: only at the end (when an output folder is given)
     seed: int = 0
     max_code_bytes: int | None = None
@@ -49,7 +59,7 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
             raise TypeError(f"model must be a ModelConfig, got {type(self.model).__name__}")
-        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "eval_every", "val_prose_windows", "val_code_windows"):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup", "ckpt_every", "seed"):
             v = getattr(self, name)
@@ -65,6 +75,10 @@ class TrainConfig:
         return asdict(self)
 
     @property
+    def val_windows(self) -> dict[str, int]:
+        return {"prose": self.val_prose_windows, "code": self.val_code_windows}
+
+    @property
     def batch(self) -> BatchConfig:
         return BatchConfig(
             batch_size=self.batch_size,
@@ -78,28 +92,28 @@ LONG_MODEL = dict(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256)
 PRESETS = {
     "short": dict(
         model=dict(block_size=64, d_model=64, n_layers=2, n_heads=4, d_ff=256),
-        train=dict(steps=200, batch_size=16, eval_every=25, eval_batches=4, warmup=20),
+        train=dict(steps=200, batch_size=16, eval_every=25, warmup=20),
     ),
     "long": dict(
         model=LONG_MODEL,
-        train=dict(steps=1000, batch_size=32, eval_every=50, eval_batches=8, warmup=50),
+        train=dict(steps=1000, batch_size=32, eval_every=50, warmup=50),
     ),
     # The "long" model trained four times as long: about 29 training bytes per dense parameter.
     # Help text is an eighth of each batch, so its 0.43 MB are seen about 2.4 times.
     "long4k": dict(
         model=LONG_MODEL,
-        train=dict(steps=4000, batch_size=32, eval_every=100, eval_batches=16, warmup=100,
-                   prose_fraction=0.125),
+        train=dict(steps=4000, batch_size=32, eval_every=100, warmup=100, prose_fraction=0.125),
     ),
-    # Three times wider (d_model 192), trained twice as long as "long".
+    # Three times wider (d_model 192), trained twice as long as "long"; evaluated every 100
+    # steps because one evaluation of the fixed set costs about 30 training steps here.
     "wide": dict(
         model=dict(block_size=64, d_model=192, n_layers=4, n_heads=4, d_ff=768),
-        train=dict(steps=2000, batch_size=32, eval_every=50, eval_batches=16, warmup=100),
+        train=dict(steps=2000, batch_size=32, eval_every=100, warmup=100),
     ),
     # A first, wider attempt (about 1.7 training bytes per dense parameter); kept for the record.
     "long_d96": dict(
         model=dict(block_size=64, d_model=96, n_layers=4, n_heads=4, d_ff=384),
-        train=dict(steps=1000, batch_size=16, eval_every=50, eval_batches=8, warmup=50),
+        train=dict(steps=1000, batch_size=16, eval_every=50, warmup=50),
     ),
 }
 
@@ -189,16 +203,39 @@ def make_optimizer(model: TinyLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: TinyLM, corpus: Corpus, cfg: TrainConfig) -> float:
-    """Mean cross-entropy (nats per byte) over the fixed validation batches."""
+def window_losses(model: TinyLM, x_NL: torch.Tensor, y_NL: torch.Tensor, chunk: int = 256):
+    """Mean next-byte cross-entropy of each window (nats per byte): an (N,) float64 tensor."""
     was_training = model.training
     model.eval()
-    losses = [
-        model(*get_batch(corpus, "val", cfg.batch, seed=cfg.seed, step=i)[:2]).ce.item()
-        for i in range(cfg.eval_batches)
-    ]
+    out = []
+    for i in range(0, x_NL.shape[0], chunk):
+        logits_BLV = model(x_NL[i : i + chunk]).logits
+        ce_BL = torch.nn.functional.cross_entropy(
+            logits_BLV.transpose(1, 2), y_NL[i : i + chunk], reduction="none"
+        )
+        out.append(ce_BL.mean(1).double())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return torch.cat(out)
+
+
+def summarize_windows(losses_N: torch.Tensor, kind_N: torch.Tensor) -> dict:
+    """Mean validation loss, its standard error over windows, and the mean per text kind."""
+    n = losses_N.numel()
+    sem = float(losses_N.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return {
+        "val_loss": float(losses_N.mean()),
+        "val_sem": sem,
+        "val_prose": float(losses_N[kind_N == 0].mean()),
+        "val_code": float(losses_N[kind_N == 1].mean()),
+    }
+
+
+def evaluate(model: TinyLM, corpus: Corpus, cfg: TrainConfig, windows=None) -> dict:
+    """Loss on the fixed validation set (the same windows for every seed and variant)."""
+    x, y, kind = windows or validation_windows(
+        corpus, cfg.model.block_size, windows=cfg.val_windows
+    )
+    return summarize_windows(window_losses(model, x, y), kind)
 
 
 CKPT_FORMAT = "moe_lab.tinylm/1"
@@ -285,13 +322,16 @@ def train(
         "params_total": total,
         "params_active": active,
         "threads": torch.get_num_threads(),
+        "machine_start": machine_record(),
         "evals": [],
     }
+    val_set = validation_windows(corpus, cfg.model.block_size, windows=cfg.val_windows)
     E = cfg.model.moe.num_experts if cfg.model.moe else 0
     # Running state between evaluations; saved in checkpoints so a resume is exact.
     state = {
         "log": log,
         "train_s": 0.0,
+        "cpu_s": 0.0,
         "ce_sum": 0.0,
         "ce_n": 0,
         "load": torch.zeros(cfg.model.n_layers, E, dtype=torch.long),
@@ -307,7 +347,7 @@ def train(
     model.train()
     bar = tqdm(range(step, end), desc=f"train {cfg.steps} steps", disable=not progress)
     for step in bar:
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), time.process_time()
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step) * group["lr_scale"]
         x, y, _ = get_batch(corpus, "train", cfg.batch, seed=cfg.seed, step=step)
@@ -320,48 +360,59 @@ def train(
         state["ce_n"] += 1
         for i, r in enumerate(out_m.routing):
             state["load"][i] += r.tokens_per_expert
-        state["train_s"] += time.perf_counter() - t_start  # evaluation time is not counted
+        # evaluation time is not counted; CPU time is robust to other jobs on the machine
+        state["train_s"] += time.perf_counter() - t_start
+        state["cpu_s"] += time.process_time() - c_start
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val = evaluate(model, corpus, cfg)
+            losses_N = window_losses(model, val_set[0], val_set[1])
+            val = summarize_windows(losses_N, val_set[2])
             load = state["load"]
             share = (load / load.sum(1, keepdim=True).clamp_min(1)).tolist() if E else []
             log["evals"].append(
                 {
                     "step": done,
                     "wall_s": round(state["train_s"], 3),
+                    "cpu_s": round(state["cpu_s"], 3),
                     "train_loss": state["ce_sum"] / state["ce_n"],
-                    "val_loss": val,
+                    **val,
                     "expert_load": share,
                 }
             )
+            if done == cfg.steps:  # per-window losses, for paired comparisons between runs
+                log["val_window_losses"] = [round(v, 5) for v in losses_N.tolist()]
             load.zero_()
             state["ce_sum"], state["ce_n"] = 0.0, 0
-            bar.set_postfix(val=f"{val:.3f}")
+            bar.set_postfix(val=f"{val['val_loss']:.3f}")
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "log.json").write_text(json.dumps(log, indent=1))
         if out is not None and (done == end or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(out / "ckpt.pt", model, opt, cfg, done, state)
+    log["machine_end"] = machine_record()
     return model, log
 
 
 @torch.no_grad()
-def routing_by_kind(
-    model: TinyLM, corpus: Corpus, cfg: TrainConfig, *, batches: int = 8, split: str = "val"
-) -> torch.Tensor:
-    """Assignments per (layer, kind, expert), kind 0 = prose, 1 = code: a (L, 2, E) count."""
+def routing_by_kind(model: TinyLM, corpus: Corpus, cfg: TrainConfig, windows=None) -> torch.Tensor:
+    """Assignments per (layer, kind, expert) over the fixed validation set: an (L, 2, E) count.
+
+    Kind 0 is prose, 1 is code.
+    """
     moe = cfg.model.moe
     if moe is None:
         raise ValueError("routing_by_kind needs an MoE model (cfg.model.moe is None)")
+    x, _, kind_N = windows or validation_windows(
+        corpus, cfg.model.block_size, windows=cfg.val_windows
+    )
     was_training = model.training
     model.eval()
     counts_LKE = torch.zeros(cfg.model.n_layers, 2, moe.num_experts, dtype=torch.long)
-    for i in range(batches):
-        x, _, kind_B = get_batch(corpus, split, cfg.batch, seed=cfg.seed, step=i)
-        kind_T = kind_B.repeat_interleave(x.shape[1])  # (B*L,) kind of every token
-        for layer, r in enumerate(model(x).routing):
+    for i in range(0, x.shape[0], 256):
+        x_BL = x[i : i + 256]
+        kind_T = kind_N[i : i + 256].repeat_interleave(x_BL.shape[1])  # (B*L,) kind of each token
+        for layer, r in enumerate(model(x_BL).routing):
             for j in range(r.indices.shape[1]):
                 counts_LKE[layer].index_put_(
                     (kind_T, r.indices[:, j]), torch.ones_like(kind_T), accumulate=True

@@ -33,7 +33,8 @@ def tiny_cfg(steps=6, seed=0, d_model=16) -> TrainConfig:
     moe = MoEConfig(d_model=d_model, d_ff=16, num_experts=4, top_k=2)
     model = ModelConfig(block_size=16, d_model=d_model, n_layers=2, n_heads=2, d_ff=32, moe=moe)
     return TrainConfig(
-        model=model, steps=steps, batch_size=4, eval_every=2, eval_batches=2, warmup=2, seed=seed
+        model=model, steps=steps, batch_size=4, eval_every=2, warmup=2, seed=seed,
+        val_prose_windows=3, val_code_windows=5,
     )
 
 
@@ -122,12 +123,28 @@ def test_cli_writes_log(tmp_path):
 def test_routing_by_kind_counts_every_assignment(corpus):
     cfg = tiny_cfg(steps=2)
     model, _ = train(cfg, corpus=corpus, progress=False)
-    counts = routing_by_kind(model, corpus, cfg, batches=3)
+    counts = routing_by_kind(model, corpus, cfg)
     assert counts.shape == (2, 2, 4)
-    tokens = 3 * cfg.batch_size * cfg.model.block_size
+    tokens = (3 + 5) * cfg.model.block_size  # the fixed validation set: 3 prose, 5 code windows
     assert counts.sum(dim=(1, 2)).tolist() == [tokens * 2] * 2  # k=2 assignments a token
-    prose_rows = cfg.batch.prose_rows
-    assert int(counts[0, 0].sum()) == 3 * prose_rows * cfg.model.block_size * 2
+    assert int(counts[0, 0].sum()) == 3 * cfg.model.block_size * 2
+
+
+def test_validation_set_does_not_move_with_the_seed(corpus):
+    """Two training seeds are scored on identical windows; the per-window log is complete."""
+    from moe_lab.data import validation_windows
+
+    a, b = tiny_cfg(seed=0), tiny_cfg(seed=7)
+    wa = validation_windows(corpus, a.model.block_size, windows=a.val_windows)
+    wb = validation_windows(corpus, b.model.block_size, windows=b.val_windows)
+    assert all(torch.equal(u, v) for u, v in zip(wa, wb, strict=True))
+    _, log = train(a, corpus=corpus, progress=False)
+    last = log["evals"][-1]
+    assert len(log["val_window_losses"]) == 3 + 5
+    mean = sum(log["val_window_losses"]) / 8
+    assert abs(mean - last["val_loss"]) < 1e-4
+    assert last["val_sem"] > 0 and last["cpu_s"] > 0
+    assert log["machine_start"]["torch"] == torch.__version__
 
 
 def test_chapter_config_is_reproducible(corpus):

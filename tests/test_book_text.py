@@ -42,7 +42,8 @@ def test_what_passes_and_what_does_not():
     ok = (
         "---\nkernelspec: x\n---\n# 7. Title 1.5\n\nTop-2 routing over 8 experts with a `d_model`"
         " of 64 and $1.25$ in math, {glue:text}`ratio:.2f`x measured, chapter 12, GPT-3 and"
-        " Mixtral 8x7B (2024). Switch used 2048 experts and 1.6T parameters {cite}`fedus2022switch`."
+        " Mixtral 8x7B (2024). Switch used 2048 experts and 1.6T parameters"
+        " {cite}`fedus2022switch`."
         "\n\n```{code-cell} ipython3\nx = 3.14159\n```\n\n$$\ny = 2.5 x\n$$\n"
     )
     assert find_hand_numbers(ok, CONSTANTS) == []

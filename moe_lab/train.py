@@ -31,7 +31,10 @@ from moe_lab.data import (
 from moe_lab.model import ModelConfig, TinyLM, count_params
 from moe_lab.provenance import machine_record
 
-VARIANTS = ("dense", "moe8", "fine", "fine32", "moe16", "fine32k4", "shared", "top1", "nobal")
+VARIANTS = (
+    "dense", "moe8", "fine", "fine32", "moe16", "fine32k4", "shared", "top1", "nobal",
+    "top1renorm",
+)
 
 
 @dataclass(kw_only=True)
@@ -123,7 +126,9 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
 
     moe8: E=8, k=2, hidden d_ff/2. fine: E=16, k=4, hidden d_ff/4 (DeepSeekMoE-style);
     fine32: E=32, k=8, hidden d_ff/8. top1: E=4, k=1, hidden d_ff (Switch).
-    nobal: moe8 without the auxiliary loss. These have 4x the dense FFN's parameters in total;
+    nobal: moe8 without the auxiliary loss. top1renorm: top1 with its one gate renormalised
+    to 1, the mistake chapter 7's first top-1 run made (then the router learns nothing from the
+    LM loss). These have 4x the dense FFN's parameters in total;
     moe16 (E=16, k=2, hidden d_ff/2) and fine32k4 (E=32, k=4, hidden d_ff/4) have 8x.
     shared (DeepSeekMoE): a shared expert of hidden d_ff/2 that every token uses, plus top-2 of
     16 routed experts of hidden d_ff/4 (4.5x in total).
@@ -140,6 +145,7 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         "fine32k4": (32, 4),
         "shared": (16, 2),
         "top1": (4, 1),
+        "top1renorm": (4, 1),
         "nobal": (8, 2),
     }[variant]
     # the shared variant spends half the active width on its shared expert
@@ -155,7 +161,7 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         impl="sort",
         # Top-1 keeps the raw softmax probability as its gate, as Switch does: renormalised over
         # one choice it would always be 1.0 and the router would get no gradient from the loss.
-        normalize_weights=k > 1,
+        normalize_weights=k > 1 or variant == "top1renorm",
         aux_loss_coef=0.0 if variant == "nobal" else 0.01,
         z_loss_coef=0.001,
     )
@@ -168,7 +174,7 @@ def make_config(preset: str, variant: str, *, seed: int = 0, **overrides) -> Tra
     m = dict(PRESETS[preset]["model"])
     model = ModelConfig(**m, moe=variant_moe(variant, m["d_model"], m["d_ff"]))
     train = dict(PRESETS[preset]["train"], seed=seed)
-    if variant == "top1":
+    if variant in ("top1", "top1renorm"):
         train["router_lr_scale"] = 0.1  # a calmer router for top-1 (Switch's stability advice)
     train.update(overrides)
     return TrainConfig(model=model, **train)

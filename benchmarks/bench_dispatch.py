@@ -3,7 +3,8 @@
 Every variant runs forward + backward of a whole layer (router and routing included for the MoE
 variants). Variants are interleaved in one process (a shuffled order each round), repeated, and
 summarised by medians and by the ratio of each median to the dense baseline measured in the same
-run, so that other load on the machine hits every variant alike.
+run, so that other load on the machine hits every variant alike. The result records the
+command line and the machine, load average included, before and after the timings.
 
 The dense baseline is a SwiGLU FFN with hidden size k * d_ff: it does the same matmul FLOPs per
 token as a top-k MoE whose experts have hidden size d_ff.
@@ -18,7 +19,9 @@ import datetime as dt
 import json
 import platform
 import random
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,19 +29,15 @@ import torch
 
 from moe_lab import FFN, MoE, MoEConfig
 from moe_lab.dispatch import permute
+from moe_lab.provenance import cpu_model, machine_record
 
 IMPLS = ("loop", "einsum", "sort")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def command_line(argv: list[str] | None) -> str:
+    """The command that produced a result: this script and its arguments, shell-quoted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "benchmarks/bench_dispatch.py", *args])
 
 
 def make_variants(T: int, D: int, Fh: int, E: int, k: int, seed: int = 0):
@@ -87,8 +86,13 @@ def make_variants(T: int, D: int, Fh: int, E: int, k: int, seed: int = 0):
 
 
 def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed=0):
-    """Interleaved timings (seconds) of every variant; returns the result record."""
+    """Interleaved timings (seconds) of every variant; returns the result record.
+
+    The machine (CPU, cores, load average, versions, code revision) is recorded just before
+    the first timed call and just after the last, so a reader sees how busy it was.
+    """
     torch.set_num_threads(threads)
+    machine_start = machine_record()
     variants, params, load = make_variants(T, D, Fh, E, k, seed)
     names = list(variants)
     times = {n: [] for n in names}
@@ -111,6 +115,7 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
         n: statistics.median(t / d for t, d in zip(v, times["dense"], strict=True))
         for n, v in times.items()
     }
+    machine_end = machine_record()
     return {
         "shape": {"tokens": T, "d_model": D, "d_ff": Fh, "num_experts": E, "top_k": k},
         "dense_baseline": f"SwiGLU FFN, hidden size k*d_ff = {k * Fh}",
@@ -129,6 +134,8 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
             "python": platform.python_version(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
+        "machine_start": machine_start,
+        "machine_end": machine_end,
     }
 
 
@@ -145,6 +152,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     a = ap.parse_args(argv)
     res = bench(a.tokens, a.d_model, a.d_ff, a.experts, a.top_k, a.repeats, a.warmup, a.threads)
+    res["command"] = command_line(argv)
     for n, m in res["median_s"].items():
         print(
             f"{n:>18}: median {m * 1e3:8.1f} ms   x{res['ratio_to_dense'][n]:.2f} of dense"

@@ -9,7 +9,8 @@
 Every variant has the dense model's active FFN FLOPs per token, so the ratio to dense is the
 price of routing, dispatch, many small expert matmuls and an optimizer step over more
 parameters (timed apart: forward+backward, then AdamW). Variants run in rotation in one
-process (so machine load hits them alike); medians and the ratio to the dense median are saved.
+process (so machine load hits them alike); medians and the ratio to the dense median are saved,
+with the command line and the machine (load average included) before and after the timings.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -28,10 +30,19 @@ import torch
 
 from moe_lab.data import get_batch, load_corpus
 from moe_lab.model import TinyLM
+from moe_lab.provenance import cpu_model, machine_record
 from moe_lab.train import make_config, make_optimizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dispatch import cpu_model  # noqa: E402
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that produced a result: this script and its arguments, shell-quoted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "benchmarks/bench_tinylm_step.py", *args])
+
+
+def load_1min(record: dict) -> float | None:
+    """The 1-minute load average of a machine record (None where the OS has none)."""
+    return record["load_average"][0] if record["load_average"] else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,13 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = load_corpus(max_code_bytes=args.max_code_bytes)
-    load_before = os.getloadavg()[0]
     runs = {}
     for v in args.variants.split(","):
         cfg = make_config(args.config, v)
         torch.manual_seed(0)
         model = TinyLM(cfg.model)
         runs[v] = (cfg, model, make_optimizer(model, cfg), [])
+    machine_start = machine_record()
     for rep in range(args.repeats + 2):  # the first two rounds are warm-up
         for cfg, model, opt, times in runs.values():
             x, y, _ = get_batch(corpus, "train", cfg.batch, seed=0, step=rep)
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             t2 = time.perf_counter()
             if rep >= 2:
                 times.append((t2 - t0, t1 - t0, t2 - t1))  # step, forward+backward, AdamW
+    machine_end = machine_record()
     med = {v: [statistics.median(t[i] for t in r[3]) for i in range(3)] for v, r in runs.items()}
     base = med["dense"][0]
     dense_times = runs["dense"][3]
@@ -77,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
-        "load_average_1min": [load_before, os.getloadavg()[0]],  # other jobs on the machine
+        # other jobs on the machine, before and after the timings (as in older result files)
+        "load_average_1min": [load_1min(machine_start), load_1min(machine_end)],
         "median_step_s": {v: m[0] for v, m in med.items()},
         "median_fwd_bwd_s": {v: m[1] for v, m in med.items()},
         "median_optimizer_s": {v: m[2] for v, m in med.items()},
@@ -87,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
             v: statistics.median(t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True))
             for v, r in runs.items()
         },
+        "command": command_line(argv),
+        "machine_start": machine_start,
+        "machine_end": machine_end,
     }
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

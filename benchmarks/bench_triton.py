@@ -6,7 +6,8 @@ in one process, repeated, medians and ratios to the dense baseline of the same r
 benchmarks/results/triton_<device>.json. `--tune` also sweeps a few tile sizes and writes
 benchmarks/results/tiles_<device>.json, an entry ready for moe_lab/kernels/tile_configs.json.
 Without a GPU: runs the correctness check in Triton's interpreter, says timings need a GPU,
-exits 0.
+exits 0. Each JSON records the command line and the machine (CPU, load average, versions,
+code revision) before and after its timings.
 
     python benchmarks/bench_triton.py [--quick] [--repeats 7] [--iters 3] [--tune] [--out DIR]
 """
@@ -18,6 +19,7 @@ import datetime
 import json
 import random
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch  # noqa: E402
 
 # Imported before triton: with no GPU, moe_lab.kernels switches Triton's interpreter on.
 import moe_lab.kernels as K  # noqa: E402
+from moe_lab.provenance import machine_record  # noqa: E402
 
 # (shape name, d_model, d_ff, experts, top_k, token counts); --quick keeps the first count.
 SHAPES = [
@@ -213,7 +216,14 @@ def tune(device, repeats, iters) -> dict:
     return best
 
 
+def command_line(argv: list[str] | None) -> str:
+    """The command that produced a result: this script and its arguments, shell-quoted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "benchmarks/bench_triton.py", *args])
+
+
 def environment(device) -> dict:
+    """GPU, versions and tile settings, and the machine record taken now (before timings)."""
     import triton  # after moe_lab.kernels, which decides how triton is set up
 
     return {
@@ -224,6 +234,7 @@ def environment(device) -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "tiles": {kind: K.tiles_for(kind, device, False).as_dict() for kind in ("forward", "dw")},
+        "machine_start": machine_record(),
     }
 
 
@@ -254,15 +265,17 @@ def main(argv=None) -> int:
         print("timings need a CUDA GPU; none found, so only the correctness check ran.")
         return 0
 
-    header = environment(device)
+    header = dict(environment(device), command=command_line(argv))
     print(f"timings on {header['device']} (torch {header['torch']}, triton {header['triton']}):")
     rows = run_timings(device, args.repeats, args.iters, args.quick)
     payload = dict(header, repeats=args.repeats, iters=args.iters, quick=args.quick,
-                   correctness=correctness, rows=rows)
+                   correctness=correctness, rows=rows, machine_end=machine_record())
     print(f"wrote {write_json(args.out, 'triton', header['device'], payload)}")
     if args.tune:
+        tune_start = machine_record()
         best = tune(device, args.repeats, args.iters)
-        tuned = dict(header, kind="moe_lab.tile_tuning", best={header["device"]: best})
+        tuned = dict(header, kind="moe_lab.tile_tuning", best={header["device"]: best},
+                     machine_start=tune_start, machine_end=machine_record())
         print(f"wrote {write_json(args.out, 'tiles', header['device'], tuned)}")
     return 0
 

@@ -23,4 +23,10 @@ def test_bench_tiny_shape_writes_result(tmp_path):
     assert sum(saved["tokens_per_expert"]) == 64 * 2
     for key in ("cpu", "threads", "torch", "date"):
         assert saved["machine"][key]
+    # the machine and its load, recorded before and after the timings, and the command
+    start, end = saved["machine_start"], saved["machine_end"]
+    for key in ("cpu", "cores", "load_average", "torch", "date", "revision"):
+        assert key in start and key in end
+    assert start["date"] <= end["date"]
+    assert saved["command"].startswith("python benchmarks/bench_dispatch.py --tokens 64")
     assert res["shape"]["tokens"] == 64

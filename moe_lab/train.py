@@ -427,20 +427,7 @@ def routing_by_kind(model: TinyLM, corpus: Corpus, cfg: TrainConfig, windows=Non
     return counts_LKE
 
 
-def steps_to_reach(evals: list[dict], target: float) -> float | None:
-    """First step where the validation loss reaches ``target``, linearly interpolated."""
-    prev = None
-    for e in evals:
-        if e["val_loss"] <= target:
-            if prev is None:
-                return float(e["step"])
-            s0, l0 = prev["step"], prev["val_loss"]
-            return s0 + (l0 - target) / (l0 - e["val_loss"]) * (e["step"] - s0)
-        prev = e
-    return None
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=tuple(PRESETS), default="short")
     p.add_argument("--variant", choices=VARIANTS, default="dense")
@@ -449,16 +436,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", required=True, help="folder for log.json and ckpt.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    args = p.parse_args(argv)
+    return p
+
+
+def config_from_argv(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    """The TrainConfig a command line asks for (as recorded in a log's ``command``)."""
+    args = parser().parse_args(argv)
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    return make_config(args.config, args.variant, seed=args.seed, **overrides), args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(__import__("sys").argv[1:] if argv is None else argv)
+    cfg, args = config_from_argv(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {} if args.steps is None else {"steps": args.steps}
-    cfg = make_config(args.config, args.variant, seed=args.seed, **overrides)
     corpus = load_corpus(max_code_bytes=cfg.max_code_bytes)
     model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
     if cfg.model.moe is not None:
         log["routing_by_kind"] = routing_by_kind(model, corpus, cfg).tolist()
-    log["command"] = "python -m moe_lab.train " + " ".join(argv or __import__("sys").argv[1:])
+    log["command"] = "python -m moe_lab.train " + " ".join(argv)
     log["variant"], log["preset"] = args.variant, args.config
     Path(args.out, "log.json").write_text(json.dumps(log, indent=1))
     return log

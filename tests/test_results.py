@@ -74,7 +74,7 @@ def committed_logs():
     out = []
     for path in sorted(RESULTS_DIR.glob("tinylm_*.json")):
         log = json.loads(path.read_text())
-        if "command" in log:
+        if "evals" in log:  # a training log, not a benchmark
             out.append((path.name, log))
     return out
 

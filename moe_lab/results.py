@@ -102,3 +102,51 @@ def compare(logs: dict[tuple, dict], steps: int) -> list[Comparison]:
             )
         )
     return rows
+
+
+def _ratio(v: float | None) -> str:
+    return "never" if v is None else f"{v:.2f}x"
+
+
+def seed_table(rows: list[Comparison]) -> str:
+    """One line per run: final loss, paired difference to dense, steps and CPU-time shares."""
+    from moe_lab.viz import text_table
+
+    return text_table(
+        ("variant", "seed", "final", "vs dense", "steps", "CPU", "dense to it"),
+        [
+            (r.variant, r.seed, f"{r.final:.4f}", f"{r.diff:+.4f} ±{r.diff_se:.4f}",
+             _ratio(r.steps_ratio), _ratio(r.cpu_ratio), _ratio(r.dense_steps_ratio))
+            for r in rows
+        ],
+    )
+
+
+def plot_curves(logs: dict[tuple, dict], steps: int, title: str, ylim=(None, None)):
+    """Validation loss against steps and against CPU time: mean and range over seeds."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from moe_lab.viz import finish, show
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    variants = sorted({v for (v, _, n) in logs if n == steps}, key=lambda v: v != "dense")
+    for variant in variants:
+        runs = [log for (v, _, n), log in sorted(logs.items()) if v == variant and n == steps]
+        val = np.array([[e["val_loss"] for e in r["evals"]] for r in runs])
+        cpu = np.array([[e["cpu_s"] for e in r["evals"]] for r in runs])
+        step = [e["step"] for e in runs[0]["evals"]]
+        style = "-" if len(runs) > 1 else "--"
+        (line,) = axes[0].plot(step, val.mean(0), style, label=f"{variant} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            axes[0].fill_between(step, val.min(0), val.max(0), color=line.get_color(), alpha=0.2)
+        axes[1].plot(cpu.mean(0), val.mean(0), style, color=line.get_color(), label=variant)
+    for ax in axes:
+        ax.set_ylim(*ylim)
+    ylabel = "validation loss (nats per byte)"
+    finish(axes[0], title=f"{title}: mean and range over seeds", xlabel="training step",
+           ylabel=ylabel)
+    finish(axes[1], title=f"{title}, against CPU time",
+           xlabel="training CPU time (s, one thread)", ylabel=ylabel)
+    fig.tight_layout()
+    show(fig)

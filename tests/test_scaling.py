@@ -29,6 +29,7 @@ from moe_lab.scaling import (
     PRECISIONS,
     Architecture,
     ClusterPlan,
+    cluster_flops,
     count_params,
     dispatch_traffic,
     expert_popularity,
@@ -36,16 +37,26 @@ from moe_lab.scaling import (
     gpu_hours,
     gpus_needed,
     implied_mfu,
+    laws,
     memory_per_gpu,
     moe_layer_comm_time,
+    moe_layer_times,
     param_breakdown,
     simulate_step,
     stage_memory,
     training_flops,
     training_flops_per_token,
 )
-from moe_lab.scaling.comm import expected_distinct_groups
+from moe_lab.scaling.comm import (
+    DEEPEP_LOW_LATENCY_US,
+    H800_ALLTOALL_LATENCY_US,
+    deepep_fit,
+    deepep_low_latency_bytes,
+    expected_distinct_groups,
+    fit_latency_bandwidth,
+)
 from moe_lab.scaling.imbalance import route_counts
+from moe_lab.scaling.search import feasible_plans
 
 BIB = Path(__file__).resolve().parents[1] / "book" / "references.bib"
 
@@ -517,8 +528,9 @@ def test_all_to_all_limits_and_monotonicity():
     t = dispatch_traffic(ep=64, **A2A)
     assert dispatch_traffic(ep=64, **{**A2A, "tokens": 8192}).inter_bytes == 2 * t.inter_bytes
     fast = replace(NET, rdma_GBps=2 * NET.rdma_GBps)
-    assert t.time_s(fast) == pytest.approx(max(t.time_s(NET) / 2,
-                                               t.intra_bytes / (NET.nvlink_GBps * 1e9)))
+    alpha = NET.latency_us * 1e-6  # the fixed part does not scale with bandwidth
+    assert t.time_s(fast) - alpha == pytest.approx(
+        max((t.time_s(NET) - alpha) / 2, t.intra_bytes / (NET.nvlink_GBps * 1e9)))
     # Node-limited routing: fewer nodes, fewer network copies; M >= nodes changes nothing.
     copies = [dispatch_traffic(ep=256, max_nodes=m, **A2A).inter_copies for m in (1, 2, 4, 8)]
     assert all(np.diff(copies) > 0)
@@ -610,3 +622,145 @@ def test_budget_round_trips_and_scales():
         gpu_hours(flops, peak_flops=peak, mfu=1.5)
     with pytest.raises(ValueError, match="tokens"):
         training_flops(1e9, 0)
+
+
+def test_cluster_flops_inverts_gpus_needed():
+    peak = GPUS["H800"].peak_flops
+    flops = cluster_flops(n_gpus=10240, days=90, peak_flops=peak, mfu=0.35)
+    assert flops == pytest.approx(10240 * 90 * 86400 * peak * 0.35)
+    assert gpus_needed(flops, days=90, peak_flops=peak, mfu=0.35) == pytest.approx(10240)
+    for kw, match in [(dict(n_gpus=0), "n_gpus"), (dict(days=-1), "days"),
+                      (dict(mfu=0), "mfu"), (dict(peak_flops=0), "peak_flops")]:
+        with pytest.raises(ValueError, match=match):
+            cluster_flops(**{"n_gpus": 8, "days": 1, "peak_flops": peak, "mfu": 0.5, **kw})
+
+
+def test_fp8_peak_is_a_parameter_of_the_gpu_and_the_plan():
+    h800 = GPUS["H800"]
+    assert h800.peak("fp8") == pytest.approx(2 * h800.peak("bf16"), rel=1e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        h800.peak("fp4")
+    base = dict(model=CATALOG["DeepSeek-V3"], n_gpus=2048, pp=16, ep=64, max_nodes=4)
+    comm16, comp16 = moe_layer_times(ClusterPlan(**base))
+    comm8, comp8 = moe_layer_times(ClusterPlan(**base, compute_dtype="fp8"))
+    assert comm8 == comm16 and comp8 == pytest.approx(comp16 / 2, rel=1e-3)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ClusterPlan(**base, compute_dtype="int8")
+
+
+# ---------------------------------------------------------------- all-to-all latency
+
+def test_latency_bandwidth_fit_recovers_a_known_line():
+    nbytes = np.array([1e6, 4e6, 1.6e7])
+    alpha, bw = fit_latency_bandwidth(nbytes, 20e-6 + nbytes / 40e9)
+    assert alpha == pytest.approx(20e-6) and bw == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="distinct"):
+        fit_latency_bandwidth([1e6, 1e6], [1e-4, 2e-4])
+    with pytest.raises(ValueError, match="same length"):
+        fit_latency_bandwidth([1e6], [1e-4])
+    with pytest.raises(ValueError, match="positive"):
+        fit_latency_bandwidth([1e6, -1.0], [1e-4, 2e-4])
+
+
+def test_default_alpha_is_the_fit_of_deepeps_timings():
+    """The stored alpha is deepep_fit() rounded, and the bandwidth that fit implies agrees
+    with the bandwidth DeepEP measured for its large-message kernels (43 GB/s)."""
+    alpha, bw = deepep_fit()
+    assert round(alpha * 1e6, 1) == H800_ALLTOALL_LATENCY_US
+    assert bw == pytest.approx(INTERCONNECTS["H800 (DeepEP measured)"].rdma_GBps, rel=0.1)
+    for net in INTERCONNECTS.values():
+        assert net.latency_us == H800_ALLTOALL_LATENCY_US
+    # DeepEP's own bandwidth column is these bytes over its times (EP 256: 39 and 40 GB/s).
+    d_us, c_us = DEEPEP_LOW_LATENCY_US[256]
+    assert deepep_low_latency_bytes("dispatch") / (d_us * 1e-6) / 1e9 == pytest.approx(39, abs=1)
+    assert deepep_low_latency_bytes("combine") / (c_us * 1e-6) / 1e9 == pytest.approx(40, abs=1)
+    with pytest.raises(ValueError, match="EP=12"):
+        deepep_fit((12, 64))
+    with pytest.raises(ValueError, match="kind"):
+        deepep_low_latency_bytes("reduce")
+
+
+def test_latency_floor_prices_small_all_to_alls():
+    alpha = NET.latency_us * 1e-6
+    one = dispatch_traffic(ep=64, **{**A2A, "tokens": 1})
+    assert alpha < one.time_s(NET) < 1.1 * alpha  # one token: almost all latency
+    big = dispatch_traffic(ep=64, **A2A)
+    no_alpha = replace(NET, latency_us=0.0)
+    assert big.time_s(NET) - big.time_s(no_alpha) == pytest.approx(alpha)
+    with pytest.raises(ValueError, match="latency_us"):
+        replace(NET, latency_us=-1.0)
+
+
+# ---------------------------------------------------------------- MoE vs dense scaling law
+
+WIDE = Architecture(name="wide", n_layers=4, d_model=96, vocab_size=100,
+                    attention=GQA(n_heads=4, n_kv_heads=2, head_dim=24),
+                    n_routed_experts=128, top_k=2, d_ff_expert=128)  # E = 64, G = 1
+
+
+def test_law_reproduces_the_papers_compute_optimal_table():
+    """Krajewski et al. Table 2 (E x N_act, D, G, loss); N = N_act (8E + 4) / 12 from their
+    parameter formulas. The published coefficients are rounded, hence the tolerance."""
+    rows = [(100e6, 4.37e9, 8, 3.133), (1e9, 28.94e9, 16, 2.491), (3e9, 72.9e9, 16, 2.245),
+            (7e9, 137.6e9, 16, 2.076)]  # G = 32 rows lie outside the fitted range
+    for n_act, tokens, g, loss in rows:
+        n = n_act * (8 * 64 + 4) / 12
+        assert laws.moe_loss(n, tokens, g) == pytest.approx(loss, abs=0.05)
+
+
+def test_dense_inverse_and_cheapest_dense():
+    loss = laws.dense_loss(1e10, 2e11)
+    assert laws.dense_params_for_loss(loss, 2e11) == pytest.approx(1e10)
+    n, d = laws.cheapest_dense(loss)
+    assert laws.dense_loss(n, d) == pytest.approx(loss)
+    for scale in (0.5, 0.9, 1.1, 2.0):  # any other D on the same loss costs more FLOPs
+        d2 = d * scale
+        assert laws.dense_params_for_loss(loss, d2) * d2 > n * d
+    with pytest.raises(ValueError, match="data term"):
+        laws.dense_params_for_loss(laws.KRAJEWSKI2024.c + 0.01, 1e9)
+    with pytest.raises(ValueError, match="irreducible"):
+        laws.cheapest_dense(0.4)
+
+
+def test_law_inputs_and_validation():
+    li = laws.law_inputs(WIDE)
+    assert li.expansion == 64 and li.granularity == pytest.approx(8 * 96 / (3 * 128))
+    total, active = count_params(WIDE, active_embeddings="none")
+    assert li.n_params == total - 2 * 100 * 96  # untied: embedding and output head
+    assert li.active_params == active  # 'none': neither embedding counts as active
+    with pytest.raises(ValueError, match="expansion rate"):
+        laws.law_inputs(CATALOG["DeepSeek-V3"])
+    with pytest.raises(ValueError, match="MoE"):
+        laws.law_inputs(DENSE)
+    with pytest.raises(ValueError, match="granularity"):
+        laws.moe_loss(1e9, 1e10, 32)
+    with pytest.raises(ValueError, match="tokens"):
+        laws.moe_loss(1e9, 0, 4)
+    # More granular experts lower the predicted loss at equal N and D.
+    assert laws.moe_loss(1e10, 1e11, 8) < laws.moe_loss(1e10, 1e11, 1)
+
+
+# ---------------------------------------------------------------- plan search
+
+def test_feasible_plans_are_the_valid_layouts_that_fit():
+    kw = dict(zero_stage=1, recompute="full", max_nodes=4,
+              precision=PRECISIONS["DeepSeek-V3 (FP32 master+grads, BF16 moments)"])
+    model = CATALOG["DeepSeek-V3"]
+    found = feasible_plans(model, 2048, tp=(1, 2), pp=(8, 16), ep=(3, 32, 64), **kw)
+    assert found and all(r.plan.ep != 3 for r in found)  # EP=3 is invalid: skipped
+    gib = [r.gib for r in found]
+    assert gib == sorted(gib) and max(gib) <= 0.9 * 80
+    layouts = {(r.plan.tp, r.plan.pp, r.plan.ep) for r in found}
+    for tp, pp, ep in itertools.product((1, 2), (8, 16), (32, 64)):
+        plan = ClusterPlan(model=model, n_gpus=2048, tp=tp, pp=pp, ep=ep, **kw)
+        fits_ = memory_per_gpu(plan).total <= 0.9 * 80 * 2**30
+        assert ((tp, pp, ep) in layouts) == fits_
+    assert all(0 < r.comm_share < 1 for r in found)
+    with pytest.raises(ValueError, match="headroom"):
+        feasible_plans(model, 2048, headroom=1.0)
+    with pytest.raises(ValueError, match="tp"):
+        feasible_plans(model, 2048, tp=())
+    with pytest.raises(ValueError, match="pp"):
+        feasible_plans(model, 2048, pp=(0,))
+    with pytest.raises(TypeError, match="model"):
+        feasible_plans("DeepSeek-V3", 2048)

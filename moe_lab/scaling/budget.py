@@ -11,27 +11,43 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class GPU:
-    """An accelerator's dense (no sparsity) peak and memory, with where the numbers come from."""
+    """An accelerator's dense (no sparsity) peaks and memory, with where the numbers come from."""
 
     name: str
     bf16_dense_tflops: float
     memory_gib: float
     source: str
+    fp8_dense_tflops: float | None = None  # None: no FP8 Tensor Cores
 
     def __post_init__(self):
         if self.bf16_dense_tflops <= 0 or self.memory_gib <= 0:
             raise ValueError("GPU.bf16_dense_tflops and GPU.memory_gib must be positive")
+        if self.fp8_dense_tflops is not None and not self.fp8_dense_tflops > 0:
+            raise ValueError("GPU.fp8_dense_tflops must be positive or None")
 
     @property
     def peak_flops(self) -> float:
+        """The dense BF16 peak, FLOP/s: the reference for MFU in this book."""
         return self.bf16_dense_tflops * 1e12
+
+    def peak(self, dtype: str = "bf16") -> float:
+        """Dense peak FLOP/s of the matmuls in `dtype` ('bf16' or 'fp8')."""
+        if dtype == "bf16":
+            return self.peak_flops
+        if dtype == "fp8":
+            if self.fp8_dense_tflops is None:
+                raise ValueError(f"{self.name} has no FP8 peak")
+            return self.fp8_dense_tflops * 1e12
+        raise ValueError(f"dtype must be 'bf16' or 'fp8', got {dtype!r}")
 
 
 GPUS: dict[str, GPU] = {
-    "H100-SXM": GPU(name="H100-SXM", bf16_dense_tflops=989.4, memory_gib=80,
-                    source="nvidia2022hopper: H100 SXM5, BF16 Tensor Core, dense"),
+    # FP8 runs at twice the 16-bit Tensor Core rate per SM on Hopper (nvidia2022hopper, 2.1).
+    "H100-SXM": GPU(name="H100-SXM", bf16_dense_tflops=989.4, fp8_dense_tflops=1978.9,
+                    memory_gib=80,
+                    source="nvidia2022hopper: H100 SXM5, BF16 and FP8 Tensor Core, dense"),
     # The H800 is the export variant of the H100 SXM: same Tensor Cores, NVLink cut to 400 GB/s.
-    "H800": GPU(name="H800", bf16_dense_tflops=989.4, memory_gib=80,
+    "H800": GPU(name="H800", bf16_dense_tflops=989.4, fp8_dense_tflops=1978.9, memory_gib=80,
                 source="assumed equal to the H100 SXM (nvidia2022hopper)"),
 }
 
@@ -69,6 +85,17 @@ def gpus_needed(flops: float, *, days: float, peak_flops: float, mfu: float) -> 
     """How many GPUs finish `flops` in `days` of wall-clock time."""
     _positive("days", days)
     return gpu_hours(flops, peak_flops=peak_flops, mfu=mfu) / (24.0 * days)
+
+
+def cluster_flops(*, n_gpus: float, days: float, peak_flops: float, mfu: float) -> float:
+    """Model FLOPs `n_gpus` GPUs do in `days` at utilisation `mfu` of `peak_flops`: the
+    inverse of `gpus_needed`, and divided by 6 D the active parameters a run can afford."""
+    _positive("n_gpus", n_gpus)
+    _positive("days", days)
+    _positive("peak_flops", peak_flops)
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu!r}")
+    return n_gpus * days * 24.0 * 3600.0 * peak_flops * mfu
 
 
 # DeepSeek-V3's reported training cost (deepseekai2024v3, Table 1), in H800 GPU-hours.

@@ -6,7 +6,14 @@ results are *combined* back: two all-to-alls forward, two more backward. We assu
 uniform over experts (chapter 6 is about making it so) and that the node-level and GPU-level
 hops are pipelined, so the slower link sets the time (as DeepEP's kernels do):
 
-    t = max(inter_bytes / rdma_bw, intra_bytes / nvlink_bw) + latency.
+    t = alpha + max(inter_bytes / rdma_bw, intra_bytes / nvlink_bw).
+
+alpha (`Interconnect.latency_us`) is the fixed cost of one all-to-all: a GPU sends its
+messages to all peers at once (GPU-initiated RDMA), so it pays the latency once per dispatch or
+combine, not once per peer. It is a parameter of the interconnect, never a constant in the
+formula; the defaults come from a least-squares fit of t = alpha + bytes / B to DeepEP's
+published low-latency timings (`DEEPEP_LOW_LATENCY_US`, `fit_latency_bandwidth`). It is what
+prices decode-sized all-to-alls: a few tokens per GPU cost alpha, not bytes / B.
 
 Two ways of sending a token:
 * naive: one message per (token, expert) pair, as a plain all_to_all does;
@@ -20,10 +27,66 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import comb
 
+import numpy as np
+
+# DeepEP V1 low-latency (pure RDMA) kernels on H800 with one CX7 400 Gb/s NIC per GPU
+# (deepep2025, docs/legacy.md): 128 tokens per GPU, hidden 7168, top-8 experts, FP8 dispatch
+# (plus one FP32 scale per 128 values), BF16 combine. {EP: (dispatch us, combine us)}.
+DEEPEP_LOW_LATENCY_US: dict[int, tuple[float, float]] = {
+    8: (77.0, 114.0), 16: (118.0, 195.0), 32: (155.0, 273.0), 64: (173.0, 314.0),
+    128: (192.0, 369.0), 256: (194.0, 360.0),
+}
+DEEPEP_LL_SHAPE = {"tokens": 128, "hidden": 7168, "top_k": 8}
+
+
+def deepep_low_latency_bytes(kind: str) -> float:
+    """Bytes one GPU sends in one DeepEP low-latency call, counted as DeepEP counts them
+    (tokens x top_k x bytes per token; its reported bandwidths are these bytes / time)."""
+    t, h, k = (DEEPEP_LL_SHAPE[n] for n in ("tokens", "hidden", "top_k"))
+    if kind == "dispatch":
+        return t * k * (h + 4 * (h // 128))  # FP8 values + one FP32 scale per 128
+    if kind == "combine":
+        return t * k * 2 * h  # BF16
+    raise ValueError(f"kind must be 'dispatch' or 'combine', got {kind!r}")
+
+
+def fit_latency_bandwidth(nbytes, seconds) -> tuple[float, float]:
+    """Least-squares fit of seconds = alpha + nbytes / B; returns (alpha in s, B in GB/s)."""
+    x = np.asarray(nbytes, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
+        raise ValueError("nbytes and seconds must be 1-D arrays of the same length >= 2")
+    if np.ptp(x) == 0:
+        raise ValueError("nbytes must take at least two distinct values to separate alpha and B")
+    if (x <= 0).any() or (y <= 0).any():
+        raise ValueError("nbytes and seconds must be positive")
+    slope, alpha = np.polyfit(x, y, 1)
+    if not slope > 0:
+        raise ValueError("the fit gives a non-positive time per byte")
+    return float(alpha), float(1.0 / slope / 1e9)
+
+
+def deepep_fit(eps=(64, 128, 256)) -> tuple[float, float]:
+    """(alpha s, B GB/s) fitted to DeepEP's low-latency dispatch and combine at the given EP
+    sizes. The default keeps EP >= 64 (8+ nodes), where nearly every copy leaves the node."""
+    xs, ys = [], []
+    for ep in eps:
+        if ep not in DEEPEP_LOW_LATENCY_US:
+            raise ValueError(f"no DeepEP measurement at EP={ep}")
+        for kind, us in zip(("dispatch", "combine"), DEEPEP_LOW_LATENCY_US[ep], strict=True):
+            xs.append(deepep_low_latency_bytes(kind))
+            ys.append(us * 1e-6)
+    return fit_latency_bandwidth(xs, ys)
+
+
+# alpha of an H800 all-to-all: deepep_fit() rounded (tests/test_scaling.py checks it).
+H800_ALLTOALL_LATENCY_US = 14.6
+
 
 @dataclass(frozen=True, kw_only=True)
 class Interconnect:
-    """Per-GPU, one-direction bandwidths (GB/s = 1e9 B/s) and where they come from."""
+    """Per-GPU, one-direction bandwidths (GB/s = 1e9 B/s), the fixed latency of one all-to-all
+    (alpha, microseconds), and where they come from."""
 
     name: str
     nvlink_GBps: float
@@ -44,15 +107,22 @@ class Interconnect:
 INTERCONNECTS: dict[str, Interconnect] = {
     "H800 (peak)": Interconnect(
         name="H800 (peak)", nvlink_GBps=160.0, rdma_GBps=50.0,
-        source="deepseekai2024v3 (NVLink 160 GB/s, InfiniBand 50 GB/s per GPU)"),
+        latency_us=H800_ALLTOALL_LATENCY_US,
+        source="deepseekai2024v3 (NVLink 160 GB/s, InfiniBand 50 GB/s per GPU); alpha fitted "
+               "to deepep2025's low-latency timings"),
     "H800 (DeepEP measured)": Interconnect(
         name="H800 (DeepEP measured)", nvlink_GBps=153.0, rdma_GBps=43.0,
+        latency_us=H800_ALLTOALL_LATENCY_US,
         source="deepep2025 (V1 normal kernels: EP8 dispatch 153 GB/s NVLink, "
-               "EP16 dispatch 43 GB/s RDMA)"),
+               "EP16 dispatch 43 GB/s RDMA; alpha fitted to its low-latency timings)"),
+    # NVLink 4: 18 links x 25 GB/s in each direction = 450 GB/s per direction, the
+    # "900 GB/s total" of the spec sheet counting both directions (nvidia2022hopper).
     "H100 SXM (peak)": Interconnect(
         name="H100 SXM (peak)", nvlink_GBps=450.0, rdma_GBps=50.0,
-        source="nvidia2022hopper (900 GB/s NVLink, both directions); one 400 Gb/s NIC per "
-               "GPU as in deepep2025"),
+        latency_us=H800_ALLTOALL_LATENCY_US,
+        source="nvidia2022hopper (18 NVLink links x 25 GB/s per direction = 450 GB/s; "
+               "900 GB/s counts both directions); one 400 Gb/s NIC per GPU and alpha as "
+               "on the H800 (deepep2025)"),
 }
 
 
@@ -76,9 +146,13 @@ class Traffic:
     inter_copies: float  # network copies per token
 
     def time_s(self, net: Interconnect) -> float:
+        """alpha + the slower link's bytes / bandwidth (alpha = net.latency_us); zero when
+        nothing moves (EP = 1 issues no all-to-all)."""
+        if self.intra_bytes == self.inter_bytes == 0:
+            return 0.0
         t_intra = self.intra_bytes / (net.nvlink_GBps * 1e9)
         t_inter = self.inter_bytes / (net.rdma_GBps * 1e9)
-        return max(t_intra, t_inter) + net.latency_us * 1e-6
+        return net.latency_us * 1e-6 + max(t_intra, t_inter)
 
     def bottleneck(self, net: Interconnect) -> str:
         t_intra = self.intra_bytes / net.nvlink_GBps

@@ -142,7 +142,7 @@ def fits(plan: ClusterPlan) -> bool:
 
 def moe_layer_times(plan: ClusterPlan) -> tuple[float, float]:
     """(all-to-all seconds, compute seconds) of one MoE layer, one micro-batch, fwd + bwd,
-    on one GPU; compute at `compute_efficiency` of the GPU's peak."""
+    on one GPU; compute at `compute_efficiency` of the GPU's peak in `compute_dtype`."""
     m = plan.model
     if not m.is_moe:
         return 0.0, 0.0
@@ -161,5 +161,6 @@ def moe_layer_times(plan: ClusterPlan) -> tuple[float, float]:
                + m.top_k * ffn_matmul_params(d, m.d_ff_expert, m.expert_glu))
     per_token = 6.0 * weights + 3.0 * attention_score_flops(m, (plan.seq_len + 1) / 2) / (
         m.n_layers + m.n_cross_attn_layers)
-    compute = tok * per_token / (plan.gpu.peak_flops * plan.compute_efficiency)
+    peak = plan.gpu.peak(plan.compute_dtype)
+    compute = tok * per_token / (peak * plan.compute_efficiency)
     return comm, compute

@@ -66,6 +66,7 @@ class ClusterPlan:
     gpu: GPU = field(default_factory=lambda: GPUS["H800"])
     net: Interconnect = field(default_factory=lambda: INTERCONNECTS["H800 (peak)"])
     compute_efficiency: float = 0.5  # fraction of peak the layer matmuls reach (comm share)
+    compute_dtype: str = "bf16"  # "bf16" or "fp8": which peak the layer matmuls run against
 
     def __post_init__(self):
         if not isinstance(self.model, Architecture):
@@ -116,6 +117,9 @@ class ClusterPlan:
             check_int("max_nodes", self.max_nodes)
         if not 0 < self.compute_efficiency <= 1:
             raise ValueError("compute_efficiency must be in (0, 1]")
+        if self.compute_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"compute_dtype must be 'bf16' or 'fp8', got {self.compute_dtype!r}")
+        self.gpu.peak(self.compute_dtype)  # raises if this GPU has no such peak
 
     @property
     def dp_size(self) -> int:

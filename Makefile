@@ -1,7 +1,9 @@
-# MoE Lab: `make book` builds the executed book into _build/html; `make test` runs every test.
-# Both do their own set-up: a venv from requirements.txt, moe_lab installed in it, and the
-# self-hosted page assets (MathJax, require.js, the widget manager) fetched from npm; `make test`
-# also installs headless Chromium for the browser test.
+# MoE Lab: `make book` builds the executed book into _build/html; `make test` runs every test;
+# `make check` is the contributors' fast loop (lint + unit and property tests, no npm, no browser).
+# Each does its own set-up: a venv from requirements.txt with moe_lab installed in it; `make book`
+# and `make test` also fetch the self-hosted page assets (MathJax, require.js, the widget manager)
+# from npm, and `make test` installs headless Chromium for the browser test (with apt-get, as
+# root: it says what to install when it cannot).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ export PYTHONPATH := $(CURDIR)
 # Executed chapters must use the kernel's inline backend; a forced MPLBACKEND drops their figures.
 unexport MPLBACKEND
 
-.PHONY: setup assets browser book test lint lab clean
+.PHONY: setup assets browser book test check lint lab clean
 
 setup: $(STAMP)
 
@@ -36,6 +38,11 @@ WIDGETS_KEEP := package.json dist/embed-amd.js dist/*.woff2 dist/*.woff
 assets: $(ASSET_STAMP)
 
 $(ASSET_STAMP): Makefile
+	@command -v npm >/dev/null || { \
+	  echo "make assets: npm is not installed. The book serves MathJax, require.js and the widget" >&2; \
+	  echo "manager itself and fetches them with npm: install Node.js with npm (Debian/Ubuntu:" >&2; \
+	  echo "sudo apt-get install npm; macOS: brew install node), then run make again." >&2; \
+	  echo "(make check needs no npm.)" >&2; exit 1; }
 	rm -rf $(ASSETS) && mkdir -p $(ASSETS)/npm
 	cd $(ASSETS)/npm && npm pack --silent $(NPM_PACKAGES) >/dev/null
 	for t in $(ASSETS)/npm/*.tgz; do \
@@ -51,15 +58,28 @@ $(ASSET_STAMP): Makefile
 
 # Headless Chromium for tests/test_browser.py: Debian's package (Playwright's own browser download
 # does not work here), and a small CJK font so the screenshots show the Chinese text. Installed
-# only when missing, with sudo only when not already root.
+# only when missing. apt-get needs root: as root it runs directly; otherwise through `sudo -n`,
+# which fails at once instead of waiting at a password prompt, and then make says what to install.
+BROWSER_PACKAGES := chromium fonts-wqy-microhei
+
 browser:
-	@if ! command -v chromium >/dev/null || ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
-	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
-	fi
-	@command -v chromium >/dev/null
+	@if command -v chromium >/dev/null && fc-list :lang=zh 2>/dev/null | grep -q .; then exit 0; fi; \
+	need="make browser: the browser test needs Debian's packages $(BROWSER_PACKAGES)"; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "$$need, and this system has no apt-get: install Chromium (as \`chromium\` on PATH)" \
+	    "and a CJK font yourself, then run make again." >&2; exit 1; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else \
+	  echo "$$need. Installing them needs root, and sudo is missing or asks for a password." >&2; \
+	  echo "Run:  sudo apt-get install -y $(BROWSER_PACKAGES)   then run make again." >&2; \
+	  exit 1; \
+	fi; \
+	echo "Installing $(BROWSER_PACKAGES) with apt-get$${SUDO:+ (sudo -n)}"; \
+	$$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null
+	@command -v chromium >/dev/null || { echo "make browser: chromium is still not on PATH" >&2; exit 1; }
 
 book: setup assets
 	$(VENV)/bin/jupyter-book build . -W --keep-going
@@ -67,11 +87,25 @@ book: setup assets
 test: setup assets browser
 	$(PY) -m pytest
 
+# The fast loop: lint, then every unit and property test. Chapter execution and the browser test
+# are marked `slow` and left out, so it needs neither npm nor Chromium. Two tests check the npm
+# assets `make assets` fetched; they are left out while those are absent.
+ASSET_TESTS := tests/test_book_extensions.py::test_offline_assets_present_in_this_checkout \
+  tests/test_book_extensions.py::test_offline_assets_refuse_a_cdn_mathjax
+CHECK_DESELECT = $(if $(wildcard $(ASSET_STAMP)),,$(addprefix --deselect ,$(ASSET_TESTS)))
+
+check: lint
+	$(PY) -m pytest -m "not slow" $(CHECK_DESELECT)
+
 lint: setup
 	$(VENV)/bin/ruff check moe_lab tests benchmarks
 
+# JupyterLab for `make lab`, pinned like everything else (jupytext, in requirements.txt, lets it
+# open the chapters' .md files as notebooks).
+JUPYTERLAB := jupyterlab==4.6.6
+
 lab: setup
-	$(PY) -m pip install -q jupyterlab
+	$(PY) -m pip install --disable-pip-version-check -q $(JUPYTERLAB)
 	$(VENV)/bin/jupyter lab book/
 
 clean:

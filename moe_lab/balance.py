@@ -38,7 +38,8 @@ class ClusterTask:
         self.centers_KD = torch.randn(K, D, generator=g)
         self.maps_KDD = torch.randn(K, D, D, generator=g) / D**0.5
         # one direction shared by every input, like the large common component of real hidden
-        # states: it adds the same amount to each expert's logit for every token
+        # states: it adds an expert-specific amount to each expert's logit, the same for every
+        # token (a token-independent offset per expert)
         self.shared_D = torch.randn(D, generator=g)
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -95,7 +95,7 @@ LONG_MODEL = dict(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256)
 PRESETS = {
     "short": dict(
         model=dict(block_size=64, d_model=64, n_layers=2, n_heads=4, d_ff=256),
-        train=dict(steps=200, batch_size=16, eval_every=25, warmup=20),
+        train=dict(steps=200, batch_size=16, eval_every=50, warmup=20),
     ),
     "long": dict(
         model=LONG_MODEL,

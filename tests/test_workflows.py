@@ -115,7 +115,7 @@ def test_test_workflow_runs_the_readme_test_command_on_push_and_pull_request():
 def test_test_workflow_uses_python_3_11_and_caches_the_venv_and_assets():
     workflow = load(TEST)
     job = workflow["jobs"]["test"]
-    assert job["container"].startswith("python:3.11-")
+    assert job["container"]["image"].startswith("python:3.11-")
     cached = {s["with"]["path"] for s in uses(workflow, "test", "actions/cache/restore")}
     saved = {s["with"]["path"] for s in uses(workflow, "test", "actions/cache/save")}
     assert cached == saved == {".venv", "book/_assets/vendor"}

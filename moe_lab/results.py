@@ -150,3 +150,77 @@ def plot_curves(logs: dict[tuple, dict], steps: int, title: str, ylim=(None, Non
            xlabel="training CPU time (s, one thread)", ylabel=ylabel)
     fig.tight_layout()
     show(fig)
+
+
+def by_variant(rows: list[Comparison]) -> dict[str, list[Comparison]]:
+    """Comparisons grouped by variant, in their order."""
+    out: dict[str, list[Comparison]] = {}
+    for r in rows:
+        out.setdefault(r.variant, []).append(r)
+    return out
+
+
+def _span(values: list[float | None]) -> str:
+    if any(v is None for v in values):
+        return "never" if all(v is None for v in values) else "not all"
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+
+def summary_table(results: dict[str, list[Comparison]]) -> str:
+    """One line per (model, variant): seeds, mean final loss, mean paired difference (with the
+    largest standard error), and the range over seeds of the step and CPU-time shares."""
+    from moe_lab.viz import text_table
+
+    table = []
+    for name, rows in results.items():
+        for variant, rs in by_variant(rows).items():
+            diff = sum(r.diff for r in rs) / len(rs)
+            table.append((
+                name, variant, len(rs), f"{sum(r.final for r in rs) / len(rs):.4f}",
+                f"{diff:+.4f} ±{max(r.diff_se for r in rs):.4f}",
+                _span([r.steps_ratio for r in rs]), _span([r.cpu_ratio for r in rs]),
+            ))
+    headers = ("model", "variant", "seeds", "final", "vs dense", "steps", "CPU time")
+    return text_table(headers, table)
+
+
+def facts(rows: list[Comparison]) -> dict[str, float]:
+    """The numbers prose quotes about one variant's runs: seeds, mean gain over dense, largest
+    standard error, smallest gain in standard errors, and step / CPU-time share ranges."""
+    out = {
+        "n": len(rows),
+        "gain": -sum(r.diff for r in rows) / len(rows),
+        "se": max(r.diff_se for r in rows),
+        "z": min(-r.diff / r.diff_se for r in rows),
+    }
+    for what in ("steps", "cpu"):
+        vals = [getattr(r, f"{what}_ratio") for r in rows]
+        if vals and all(v is not None for v in vals):
+            out[f"{what}_lo"], out[f"{what}_hi"] = min(vals), max(vals)
+    return out
+
+
+def ahead_from(logs: dict[tuple, dict], variant: str, steps: int) -> int:
+    """The first evaluation step from which ``variant`` stays below dense on every seed."""
+    behind, every = 0, None
+    for (v, s, n), log in logs.items():
+        if v == variant and n == steps:
+            evals, dense = log["evals"], logs[("dense", s, steps)]["evals"]
+            every = evals[1]["step"] - evals[0]["step"]
+            for a, b in zip(evals, dense, strict=True):
+                if a["val_loss"] >= b["val_loss"]:
+                    behind = max(behind, a["step"])
+    if every is None:
+        raise ValueError(f"no runs of {variant!r} with {steps} steps")
+    return behind + every
+
+
+def kind_distance(counts_LKE) -> list[float]:
+    """Total-variation distance between prose and code routing, per layer: 0 when both kinds
+    use the experts alike, 1 when they use disjoint experts."""
+    out = []
+    for layer in counts_LKE:
+        prose, code = (sum(row) for row in layer)
+        out.append(0.5 * sum(abs(p / prose - c / code) for p, c in zip(*layer, strict=True)))
+    return out

@@ -350,6 +350,7 @@ def train(
         step, state = load_checkpoint(out / "ckpt.pt", model, opt, cfg)
         log = state["log"]
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    moe_blocks = [b.ffn for b in model.blocks if hasattr(b.ffn, "update_bias")]
     model.train()
     bar = tqdm(range(step, end), desc=f"train {cfg.steps} steps", disable=not progress)
     for step in bar:
@@ -366,6 +367,8 @@ def train(
         state["ce_n"] += 1
         for i, r in enumerate(out_m.routing):
             state["load"][i] += r.tokens_per_expert
+            if cfg.model.moe.bias_update_rate > 0:  # DeepSeek-V3 balancing, after the step
+                moe_blocks[i].update_bias(r.tokens_per_expert)
         # evaluation time is not counted; CPU time is robust to other jobs on the machine
         state["train_s"] += time.perf_counter() - t_start
         state["cpu_s"] += time.process_time() - c_start

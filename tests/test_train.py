@@ -168,3 +168,16 @@ def test_every_preset_and_variant_has_dense_active_ffn(preset):
         moe = make_config(preset, variant).model.moe
         assert moe.d_model == dense.d_model
         assert moe.d_ff * moe.top_k + moe.shared_d_ff == dense.d_ff
+
+
+def test_training_applies_bias_balancing_when_asked(corpus):
+    """bias_update_rate > 0 makes the training loop update every layer's expert_bias."""
+    from dataclasses import replace
+
+    cfg = tiny_cfg(steps=4)
+    model, _ = train(cfg, corpus=corpus, progress=False)
+    assert all(not b.ffn.expert_bias.any() for b in model.blocks)
+    moe = replace(cfg.model.moe, bias_update_rate=0.01)
+    cfg = replace(cfg, model=replace(cfg.model, moe=moe))
+    model, _ = train(cfg, corpus=corpus, progress=False)
+    assert all(b.ffn.expert_bias.abs().sum() > 0 for b in model.blocks)

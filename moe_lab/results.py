@@ -192,7 +192,7 @@ def facts(rows: list[Comparison]) -> dict[str, float]:
         "n": len(rows),
         "gain": -sum(r.diff for r in rows) / len(rows),
         "se": max(r.diff_se for r in rows),
-        "z": min(-r.diff / r.diff_se for r in rows),
+        "z": min(-r.diff / r.diff_se if r.diff_se > 0 else math.inf for r in rows),
     }
     for what in ("steps", "cpu"):
         vals = [getattr(r, f"{what}_ratio") for r in rows]

@@ -116,3 +116,25 @@ def test_a_committed_log_reproduces_from_its_command(preset):
     for e in want:
         for key_ in ("val_loss", "train_loss"):
             assert abs(got[e["step"]][key_] - e[key_]) < 0.01, (preset, e["step"], key_)
+
+
+def test_facts_summary_ahead_and_kind_distance():
+    from moe_lab.results import ahead_from, facts, kind_distance, summary_table
+
+    logs = {
+        ("dense", 0, 30): fake_log("dense", 0, [3.0, 2.5, 2.0], [2.0, 2.0]),
+        ("fine", 0, 30): fake_log("fine", 0, [3.1, 2.4, 1.8], [1.7, 1.9], cpu_per_step=1.5),
+    }
+    rows = compare(logs, 30)
+    f = facts([r for r in rows if r.variant == "fine"])
+    assert f["n"] == 1 and f["gain"] == pytest.approx(0.2)
+    assert f["z"] == pytest.approx(0.2 / f["se"]) and "steps_lo" in f
+    assert facts([r for r in rows if r.variant == "dense"])["z"] == float("inf")
+    table = summary_table({"toy": rows})
+    assert "fine" in table and "-0.2000" in table
+    assert ahead_from(logs, "fine", 30) == 20  # behind at step 10, ahead from 20
+    with pytest.raises(ValueError, match="no runs"):
+        ahead_from(logs, "moe8", 30)
+    same = [[[3, 1], [3, 1]]]
+    apart = [[[4, 0], [0, 4]]]
+    assert kind_distance(same) == [0.0] and kind_distance(apart) == [1.0]

@@ -236,14 +236,6 @@ def summarize_windows(losses_N: torch.Tensor, kind_N: torch.Tensor) -> dict:
     }
 
 
-def evaluate(model: TinyLM, corpus: Corpus, cfg: TrainConfig, windows=None) -> dict:
-    """Loss on the fixed validation set (the same windows for every seed and variant)."""
-    x, y, kind = windows or validation_windows(
-        corpus, cfg.model.block_size, windows=cfg.val_windows
-    )
-    return summarize_windows(window_losses(model, x, y), kind)
-
-
 CKPT_FORMAT = "moe_lab.tinylm/1"
 
 

@@ -7,7 +7,8 @@ import warnings
 from dataclasses import dataclass
 
 SCORES = ("softmax", "sigmoid")
-IMPLS = ("loop", "einsum", "sort", "triton")
+IMPLS = ("loop", "einsum", "sort", "triton")  # "triton": sort dispatch + the Triton backend
+BACKENDS = ("auto", "loop", "bmm", "grouped_mm", "triton")
 ACTIVATIONS = ("swiglu", "gelu")
 ROUTERS = ("top_k", "expert_choice")
 
@@ -41,6 +42,40 @@ def check_capacity_factor(value) -> None:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {value}")
 
 
+@dataclass(kw_only=True, frozen=True)
+class NodeLimit:
+    """Route each token to experts in at most ``max_groups`` of ``num_groups`` expert groups.
+
+    DeepSeek-V3's node-limited routing: experts are split into ``num_groups`` equal, contiguous
+    groups (the experts of one node), and a token's k experts span at most ``max_groups``.
+    """
+
+    num_groups: int
+    max_groups: int
+
+    def __post_init__(self):
+        check_positive_int("num_groups", self.num_groups)
+        check_positive_int("max_groups", self.max_groups)
+        if self.max_groups > self.num_groups:
+            raise ValueError(
+                f"max_groups must be between 1 and num_groups={self.num_groups}, "
+                f"got {self.max_groups}"
+            )
+
+    def check(self, num_experts: int, k: int) -> None:
+        """Raise ValueError unless E experts split evenly into groups and M groups can hold k."""
+        if num_experts % self.num_groups:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by num_groups={self.num_groups}"
+            )
+        per_group = num_experts // self.num_groups
+        if k > self.max_groups * per_group:
+            raise ValueError(
+                f"top_k={k} cannot fit in max_groups={self.max_groups} groups of {per_group} "
+                "experts; raise max_groups"
+            )
+
+
 @dataclass(kw_only=True)
 class MoEConfig:
     """Configuration of one MoE layer: sizes, routing, capacity, dispatch implementation.
@@ -48,6 +83,14 @@ class MoEConfig:
     ``capacity_factor=None`` means dropless. Loss coefficients live here and are applied by the
     training code; the layer itself returns the unweighted losses. ``shared_d_ff > 0`` adds a
     shared expert (DeepSeekMoE): an FFN of that hidden size that every token goes through.
+
+    Two independent choices say how the experts run: ``impl``, the dispatcher (how tokens reach
+    their experts: "loop", "einsum" or "sort"), and ``backend``, which GEMMs run the experts on
+    rows grouped by expert ("loop": one matmul per expert, "bmm": padded batched matmul,
+    "grouped_mm": ``torch.nn.functional.grouped_mm``, "triton": this package's kernel, "auto":
+    chosen per call and recorded on the experts module). ``impl="triton"`` is shorthand for
+    sort dispatch with the Triton backend. ``node_limit`` restricts each token's experts to a
+    few expert groups (DeepSeek-V3).
     """
 
     d_model: int
@@ -58,6 +101,7 @@ class MoEConfig:
     normalize_weights: bool = True
     capacity_factor: float | None = None
     impl: str = "sort"
+    backend: str = "auto"
     activation: str = "swiglu"
     router: str = "top_k"
     noisy_gating: bool = False
@@ -65,6 +109,17 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
     shared_d_ff: int = 0
+    node_limit: NodeLimit | None = None
+
+    @property
+    def dispatcher(self) -> str:
+        """The dispatch algorithm: "loop", "einsum" or "sort" ("triton" dispatches by sort)."""
+        return "sort" if self.impl == "triton" else self.impl
+
+    @property
+    def expert_backend(self) -> str:
+        """The expert backend ``backend`` names, with ``impl="triton"`` resolved."""
+        return "triton" if self.impl == "triton" else self.backend
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -76,11 +131,36 @@ class MoEConfig:
             )
         check_choice("score", self.score, SCORES)
         check_choice("impl", self.impl, IMPLS)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.impl == "triton" and self.backend not in ("auto", "triton"):
+            raise ValueError(
+                f"impl='triton' is shorthand for impl='sort', backend='triton'; "
+                f"got backend={self.backend!r} with it"
+            )
+        if self.impl == "loop" and self.backend not in ("auto", "loop"):
+            raise ValueError(
+                "impl='loop' runs one expert at a time with plain matmuls, so backend must be "
+                f"'auto' or 'loop', got {self.backend!r}"
+            )
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("router", self.router, ROUTERS)
         check_capacity_factor(self.capacity_factor)
-        if self.router == "expert_choice" and self.capacity_factor is None:
-            raise ValueError("router='expert_choice' needs a capacity_factor (tokens per expert)")
+        if self.router == "expert_choice":
+            if self.capacity_factor is None:
+                raise ValueError(
+                    "router='expert_choice' needs a capacity_factor (tokens per expert)"
+                )
+            if self.score != "softmax":
+                raise ValueError("router='expert_choice' scores with score='softmax' only")
+            if self.bias_update_rate or self.node_limit is not None:
+                raise ValueError(
+                    "router='expert_choice' is balanced by construction: bias_update_rate "
+                    "must be 0 and node_limit None"
+                )
+        if self.node_limit is not None:
+            if not isinstance(self.node_limit, NodeLimit):
+                raise TypeError(f"node_limit must be a NodeLimit or None, got {self.node_limit!r}")
+            self.node_limit.check(self.num_experts, self.top_k)
         if self.top_k == 1 and self.normalize_weights and self.num_experts > 1:
             warnings.warn(
                 "top_k=1 with normalize_weights=True gives every token the weight 1.0, so the "

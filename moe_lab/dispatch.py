@@ -1,8 +1,14 @@
-"""Dispatch and combine: send tokens to their experts and mix the results back, three ways.
+"""Dispatchers: send tokens to their experts and mix the results back, three ways.
 
-All implementations take the same routing decision and return the same output:
+A dispatcher is called as ``dispatcher(x_TD, routing, experts) -> y_TD`` with a
+``RoutingDecision`` and an ``Experts`` module, and returns
 
     y[t] = sum_j keep[t, j] * weights[t, j] * Expert_{indices[t, j]}(x[t])
+
+The experts run on rows grouped by expert through their backend (``moe_lab.backends``); the
+dispatcher decides only how rows get there and back. ``reduce_load`` turns this process's
+expert loads into the global ones (the identity here; a sum over ranks in
+``moe_lab.parallel``).
 
 - ``loop``: for each expert, gather its tokens, run it, scatter-add back. Easiest to read.
 - ``einsum``: GShard's one-hot dispatch and combine tensors of shape (T, E, C). Dense, static
@@ -13,14 +19,41 @@ All implementations take the same routing decision and return the same output:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
-from moe_lab.experts import Experts, GroupedMM
+from moe_lab.experts import Experts
+from moe_lab.router import RoutingDecision
 from moe_lab.routing import expert_positions
 
-DispatchFn = Callable[..., torch.Tensor]
+DISPATCHERS = ("loop", "einsum", "sort")
+
+
+class Dispatcher(Protocol):
+    """How tokens reach their experts and come back."""
+
+    def __call__(
+        self, x_TD: torch.Tensor, routing: RoutingDecision, experts: Experts
+    ) -> torch.Tensor: ...
+
+    def reduce_load(self, tokens_per_expert: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """A dispatcher whose experts all live in this process."""
+
+    name = "local"
+
+    def __call__(self, x_TD, routing: RoutingDecision, experts: Experts) -> torch.Tensor:
+        return self.dispatch(x_TD, routing.weights_Tk.to(x_TD.dtype), routing.indices_Tk,
+                             routing.keep_Tk, experts, capacity=routing.capacity)
+
+    def reduce_load(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return tokens_per_expert
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def dispatch_loop(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None):
@@ -43,10 +76,12 @@ def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, cap
     """
     T, k = indices_Tk.shape
     E = experts.num_experts
-    pos_Tk = expert_positions(indices_Tk, E)
     if keep_Tk is None:
         keep_Tk = torch.ones_like(indices_Tk, dtype=torch.bool)
-    if capacity is None:
+        pos_Tk = expert_positions(indices_Tk, E)
+    else:  # slots among the kept assignments only (unkept ones queue in a bin of their own)
+        pos_Tk = expert_positions(indices_Tk.masked_fill(~keep_Tk, E), E + 1)
+    if capacity is None:  # host sync: the busiest expert's load sizes the slab
         capacity = int(torch.bincount(indices_Tk.reshape(-1), minlength=E).max()) if T else 0
     C = capacity
     tok = torch.arange(T, device=x_TD.device).unsqueeze(1).expand(T, k)[keep_Tk]  # (n,)
@@ -55,7 +90,13 @@ def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, cap
     dispatch_TEC = x_TD.new_zeros(T, E, C).index_put((tok, e_idx, c_idx), torch.ones_like(w))
     combine_TEC = x_TD.new_zeros(T, E, C).index_put((tok, e_idx, c_idx), w)
     x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
-    h_ECD = experts.forward_batched(x_ECD)
+    if experts.backend in ("auto", "bmm"):  # the slab is already padded: batched matmuls
+        if experts.backend == "auto":
+            experts.last_backend = "bmm"
+        h_ECD = experts.forward_batched(x_ECD)
+    else:  # any other backend runs the slab as E groups of C rows
+        counts_E = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+        h_ECD = experts.forward_sorted(x_ECD.reshape(E * C, -1), counts_E).view(E, C, -1)
     return torch.einsum("tec,ecd->td", combine_TEC, h_ECD)
 
 
@@ -126,7 +167,7 @@ class _WeightedSum(torch.autograd.Function):
         return g_w, g_h
 
 
-def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
+def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts):
     """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
     T, k = indices_Tk.shape
     D = x_TD.shape[-1]
@@ -134,45 +175,52 @@ def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts, mm):
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     x_ND = _GatherTokens.apply(x_TD, token_of, inv, k)  # (T*k, D) grouped by expert
-    h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
+    h_ND = experts.forward_sorted(x_ND, counts_E)
     h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
     return _WeightedSum.apply(weights_Tk, h_TkD)  # (T, D) weighted sum
 
 
-def dispatch_sort(
-    x_TD,
-    weights_Tk,
-    indices_Tk,
-    keep_Tk,
-    experts: Experts,
-    capacity=None,
-    mm: GroupedMM | None = None,
-):
+def combine(x_TD, h_ND, token_of_N, w_N):
+    """y_TD = sum over rows n of token t: w_N[n] * h_ND[n] (zero for tokens with no rows)."""
+    return torch.zeros_like(x_TD).index_add(0, token_of_N, h_ND * w_N.unsqueeze(-1))
+
+
+def dispatch_sort(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None):
     """Sort-and-permute: one gather, contiguous per-expert blocks, one weighted scatter-add."""
     if keep_Tk is None:
-        return _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts, mm)
+        return _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts)
     order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts)
     # index_select, not x_TD[token_of]: its backward is one index_add, not an accumulating
     # index_put.
     x_ND = x_TD.index_select(0, token_of)  # (N, D) gathered, grouped by expert
-    h_ND = experts.forward_sorted(x_ND, counts_E, mm=mm)
-    w_N = weights_Tk.reshape(-1)[order]
-    return torch.zeros_like(x_TD).index_add(0, token_of, h_ND * w_N.unsqueeze(-1))
+    h_ND = experts.forward_sorted(x_ND, counts_E)
+    return combine(x_TD, h_ND, token_of, weights_Tk.reshape(-1)[order])
 
 
-IMPLEMENTATIONS: dict[str, DispatchFn] = {
-    "loop": dispatch_loop,
-    "einsum": dispatch_einsum,
-    "sort": dispatch_sort,
-}
+class LoopDispatcher(LocalDispatcher):
+    """For each expert, gather its tokens, run it, scatter-add back. Easiest to read."""
+
+    name = "loop"
+    dispatch = staticmethod(dispatch_loop)
 
 
-def get_dispatch(impl: str) -> DispatchFn:
-    """The dispatch function for ``impl``; the Triton one is imported only when asked for."""
-    if impl == "triton":
-        from moe_lab.kernels import grouped_gemm
+class EinsumDispatcher(LocalDispatcher):
+    """GShard's one-hot (T, E, C) dispatch and combine tensors around an (E, C, D) slab."""
 
-        return lambda *args, **kw: dispatch_sort(*args, mm=grouped_gemm, **kw)
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {(*IMPLEMENTATIONS, 'triton')}, got {impl!r}")
-    return IMPLEMENTATIONS[impl]
+    name = "einsum"
+    dispatch = staticmethod(dispatch_einsum)
+
+
+class SortDispatcher(LocalDispatcher):
+    """Sort assignments by expert, run contiguous blocks, weighted scatter-add back."""
+
+    name = "sort"
+    dispatch = staticmethod(dispatch_sort)
+
+
+def make_dispatcher(name: str) -> LocalDispatcher:
+    """The local dispatcher called ``name`` ("loop", "einsum" or "sort")."""
+    classes = {c.name: c for c in (LoopDispatcher, EinsumDispatcher, SortDispatcher)}
+    if name not in classes:
+        raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {name!r}")
+    return classes[name]()

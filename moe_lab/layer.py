@@ -1,109 +1,89 @@
-"""The MoE layer: router -> routing decision -> dispatch -> experts -> combine.
+"""The MoE layer: router -> routing decision -> dispatcher -> expert backend -> combine.
 
-Losses come back as values in ``MoEOutput``; the coefficients in the config are applied by the
-training code. The dispatch implementation (``cfg.impl``) is the one seam that changes how
-tokens reach experts; routing and experts stay the same.
+Three seams, each swappable alone: the dispatcher (``cfg.impl``: how tokens reach experts),
+the expert backend (``cfg.backend``: which GEMMs run them) and, in ``moe_lab.parallel``, the
+process group (an all-to-all dispatcher and a slice of the experts: the same layer). Losses
+come back as values in ``MoEOutput``; the config's coefficients are applied by the training
+code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moe_lab.config import MoEConfig
-from moe_lab.dispatch import get_dispatch
+from moe_lab.dispatch import Dispatcher, make_dispatcher
 from moe_lab.experts import FFN, Experts
-from moe_lab.losses import load_balancing_loss, router_z_loss
-from moe_lab.routing import (
-    capacity_mask,
-    expert_capacity,
-    expert_choice_routing,
-    noisy_logits,
-    router_probs,
-    top_k_routing,
-)
+from moe_lab.router import Router, RoutingDecision
+from moe_lab.routing import _check_logits
+
+_CHECK_VALUES = False
+
+
+def check_values(enabled: bool) -> None:
+    """Debug switch: make every MoE forward check its router logits for NaN/inf.
+
+    Off by default, since reading a tensor's values costs a device-to-host sync per call.
+    """
+    global _CHECK_VALUES
+    _CHECK_VALUES = bool(enabled)
 
 
 @dataclass
 class MoEOutput:
-    """What one call of the layer returns.
+    """What one call of the layer returns; the same fields mean the same under both routers.
 
-    y: same shape as x. aux_loss, z_loss: unweighted losses of this call. tokens_per_expert (E,):
-    assignments each expert processed, after dropping. dropped: assignments dropped (for expert
-    choice: tokens no expert picked). indices/weights: the routing decision, (T, k), for analysis
-    (for expert choice: (C, E), the tokens each expert picked and their weights).
+    y: same shape as x. aux_loss, z_loss: unweighted losses of this call (expert choice is
+    balanced by construction: aux_loss 0). tokens_per_expert (E,): assignments each expert
+    processed. dropped: 0-d int tensor, assignments dropped for capacity (expert choice drops
+    none it chose: 0). unrouted: 0-d int tensor, tokens no expert processed (routed output 0).
+    indices, weights, keep: the assignments, (T, k) for top-k, (T, E) for expert choice (slot e
+    is expert e; keep marks the tokens it picked); keep is None when every assignment is kept.
     """
 
     y: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
-    dropped: int
+    dropped: torch.Tensor
     indices: torch.Tensor
     weights: torch.Tensor
-
-
-@dataclass
-class Routing:
-    """A top-k routing decision with what follows from it: losses, capacity, kept assignments."""
-
-    weights_Tk: torch.Tensor
-    indices_Tk: torch.Tensor
-    keep_Tk: torch.Tensor | None  # None: dropless
-    capacity: int | None
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    dropped: int
-
-
-def route_tokens(
-    cfg: MoEConfig,
-    logits_TE: torch.Tensor,
-    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-) -> Routing:
-    """Select experts with ``select``, compute both router losses, apply capacity (GShard).
-
-    Shared by the single-process layer and the expert-parallel one, so both route identically;
-    capacity is computed from the T tokens of this call.
-    """
-    T, E = logits_TE.shape
-    z_loss = router_z_loss(logits_TE)
-    weights_Tk, indices_Tk = select(logits_TE)
-    probs_TE = router_probs(logits_TE, cfg.score)
-    if cfg.score == "sigmoid":  # balance over normalised affinities, as DeepSeek-V3 does
-        probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-    aux_loss = load_balancing_loss(probs_TE, indices_Tk, E)
-    keep_Tk, capacity = None, None
-    if cfg.capacity_factor is not None:
-        capacity = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor)
-        keep_Tk = capacity_mask(indices_Tk, E, capacity)
-    dropped = 0 if keep_Tk is None else int((~keep_Tk).sum())
-    return Routing(weights_Tk, indices_Tk, keep_Tk, capacity, aux_loss, z_loss, dropped)
+    unrouted: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
 
 class MoE(nn.Module):
-    """A Mixture-of-Experts FFN layer: E experts, a linear router, top-k or expert choice."""
+    """A Mixture-of-Experts FFN layer: E experts, a linear router, top-k or expert choice.
+
+    Host syncs per forward, and why: none for routing and statistics (returned as tensors);
+    the dispatcher's (dropless einsum sizes its slab by the busiest expert; sort with capacity
+    trims its order to the kept rows) and the backend's (``moe_lab.backends``: split sizes for
+    "loop", the busiest count for "bmm", the tile schedule for "triton"); in
+    ``moe_lab.parallel``, the all-to-all's split sizes.
+    """
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation,
+                               backend=cfg.expert_backend)
         # DeepSeekMoE shared expert: every token goes through it, next to its routed experts.
         self.shared = FFN(cfg.d_model, cfg.shared_d_ff, cfg.activation) if cfg.shared_d_ff else None
-        self.noise = (
-            nn.Linear(cfg.d_model, cfg.num_experts, bias=False) if cfg.noisy_gating else None
-        )
-        if self.noise is not None:
-            nn.init.zeros_(self.noise.weight)
-        # DeepSeek-V3 auxiliary-loss-free balancing: shifts selection only; a buffer, not trained.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self._dispatch = get_dispatch(cfg.impl)
+        self.dispatcher: Dispatcher = make_dispatcher(cfg.dispatcher)
+
+    @property
+    def expert_bias(self) -> torch.Tensor:
+        """The router's selection bias (E,): DeepSeek-V3's auxiliary-loss-free balancing."""
+        return self.router.expert_bias
+
+    def extra_repr(self) -> str:
+        return f"dispatcher={self.dispatcher!r}"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -122,80 +102,43 @@ class MoE(nn.Module):
                 "convert one to match (e.g. moe.to(x.dtype))"
             )
 
-    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits (T, E); with noisy gating, Gaussian noise is added while training."""
-        logits_TE = self.router(x_TD)
-        if self.noise is not None and self.training:
-            logits_TE = noisy_logits(logits_TE, self.noise(x_TD))
-        return logits_TE
+    def route(self, x_TD: torch.Tensor) -> RoutingDecision:
+        """The routing decision for tokens x_TD (T, D)."""
+        routing = self.router(x_TD)
+        if _CHECK_VALUES:
+            _check_logits(routing.logits_TE.detach(), "router logits")
+        return routing
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
-        cfg = self.cfg
-        x_TD = x.reshape(-1, cfg.d_model)
-        logits_TE = self.router_logits(x_TD)
-        if cfg.router == "expert_choice":
-            out = self._forward_expert_choice(x, x_TD, logits_TE, router_z_loss(logits_TE))
-        else:
-            out = self._forward_top_k(x, x_TD, logits_TE)
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        r = self.route(x_TD)
+        y_TD = self.dispatcher(x_TD, r, self.experts)
         if self.shared is not None:
-            out.y = out.y + self.shared(x)
-        return out
-
-    def _forward_top_k(self, x, x_TD, logits_TE) -> MoEOutput:
-        cfg = self.cfg
-        r = route_tokens(cfg, logits_TE, self.route)
-        kept = r.indices_Tk if r.keep_Tk is None else r.indices_Tk[r.keep_Tk]
-        tokens_per_expert = torch.bincount(kept.reshape(-1), minlength=cfg.num_experts)
-        y_TD = self._dispatch(
-            x_TD, r.weights_Tk.to(x.dtype), r.indices_Tk, r.keep_Tk, self.experts,
-            capacity=r.capacity,
-        )
+            y_TD = y_TD + self.shared(x_TD)
         return MoEOutput(
             y=y_TD.view(x.shape),
             aux_loss=r.aux_loss,
             z_loss=r.z_loss,
-            tokens_per_expert=tokens_per_expert,
+            tokens_per_expert=r.tokens_per_expert,
             dropped=r.dropped,
             indices=r.indices_Tk,
             weights=r.weights_Tk,
+            unrouted=r.unrouted,
+            keep=r.keep_Tk,
         )
 
-    def route(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k selection (weights (T, k), indices (T, k)), with the balancing bias if enabled."""
-        cfg = self.cfg
-        bias = self.expert_bias if cfg.bias_update_rate > 0 else None
-        return top_k_routing(
-            logits_TE, cfg.top_k, score=cfg.score, normalize=cfg.normalize_weights, bias=bias
-        )
-
-    def _forward_expert_choice(self, x, x_TD, logits_TE, z_loss) -> MoEOutput:
-        """Zhou et al. (2022): each expert takes its top-C tokens; balanced by construction."""
-        T, E = x_TD.shape[0], self.cfg.num_experts
-        capacity = min(T, expert_capacity(T, E, 1, self.cfg.capacity_factor))
-        weights_EC, tokens_EC = expert_choice_routing(logits_TE, capacity)
-        h_ECD = self.experts.forward_batched(x_TD[tokens_EC])  # (E, C, D)
-        h_ECD = h_ECD * weights_EC.to(x.dtype).unsqueeze(-1)
-        y_TD = torch.zeros_like(x_TD).index_add(
-            0, tokens_EC.reshape(-1), h_ECD.reshape(-1, x.shape[-1])
-        )
-        picked = torch.zeros(T, dtype=torch.bool, device=x.device)
-        picked[tokens_EC.reshape(-1)] = True
-        return MoEOutput(
-            y=y_TD.view(x.shape),
-            aux_loss=logits_TE.new_zeros(()),
-            z_loss=z_loss,
-            tokens_per_expert=torch.full((E,), capacity, dtype=torch.long, device=x.device),
-            dropped=int((~picked).sum()),
-            indices=tokens_EC.t(),
-            weights=weights_EC.t(),
-        )
-
-    @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor, rate: float | None = None) -> None:
-        """DeepSeek-V3 balancing step: raise the bias of under-loaded experts, lower over-loaded."""
+        """DeepSeek-V3 balancing step from the load this process's tokens put on each expert.
+
+        The dispatcher makes the load global first (a sum over ranks when sharded), so every
+        replica of the router takes the same step.
+        """
         rate = self.cfg.bias_update_rate if rate is None else rate
-        load = tokens_per_expert.to(self.expert_bias.dtype)
-        if load.shape != self.expert_bias.shape:
+        if not isinstance(tokens_per_expert, torch.Tensor):
+            raise TypeError(
+                f"tokens_per_expert must be a tensor, got {type(tokens_per_expert).__name__}"
+            )
+        if tokens_per_expert.shape != self.expert_bias.shape:
             raise ValueError(f"tokens_per_expert must have shape {tuple(self.expert_bias.shape)}")
-        self.expert_bias += rate * torch.sign(load.mean() - load)
+        self.router.update_bias(self.dispatcher.reduce_load(tokens_per_expert), rate)

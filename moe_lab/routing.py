@@ -1,4 +1,4 @@
-"""Routing: router scores, top-k selection, noisy gating, capacity and expert-choice routing.
+"""Routing: router scores, top-k and node-limited selection, noisy gating, capacity, expert choice.
 
 A routing decision is a pair (weights (T, k), indices (T, k)): token t goes to experts
 indices[t] with mixing weights weights[t]. Everything downstream (dispatch, losses) reads only
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from moe_lab.config import (
     SCORES,
+    NodeLimit,
     check_capacity_factor,
     check_choice,
     check_int,
@@ -75,17 +76,88 @@ def top_k_routing(
     if k > num_experts:
         raise ValueError(f"k must be between 1 and num_experts={num_experts}, got {k}")
     check_choice("score", score, SCORES)
-    probs_TE = router_probs(logits, score)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,)):
+        raise ValueError(f"bias must be a tensor of shape ({num_experts},)")
+    return select_top_k(router_probs(logits, score), k, normalize=normalize, bias=bias)
+
+
+def select_top_k(
+    probs_TE: torch.Tensor, k: int, *, normalize: bool, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k_routing`` on scores already computed and checked (the layer's hot path)."""
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,):
-            raise ValueError(f"bias must be a tensor of shape ({num_experts},)")
         _, indices_Tk = torch.topk(probs_TE + bias.to(probs_TE.dtype), k, dim=-1)
         weights_Tk = probs_TE.gather(1, indices_Tk)
     else:
         weights_Tk, indices_Tk = torch.topk(probs_TE, k, dim=-1)
-    if normalize:
-        weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    return weights_Tk, indices_Tk
+    return _normalized(weights_Tk, normalize), indices_Tk
+
+
+def _normalized(weights_Tk: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if not normalize:
+        return weights_Tk
+    return weights_Tk / weights_Tk.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def node_limited_top_k(
+    logits: torch.Tensor,
+    k: int,
+    num_groups: int,
+    max_groups: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 node-limited routing: top-k among each token's ``max_groups`` best groups.
+
+    Experts form ``num_groups`` equal, contiguous groups; a group scores the sum of its best
+    ceil(k / max_groups) expert scores for the token. Returns (weights (T, k), indices (T, k))
+    like ``top_k_routing``; ``bias`` shifts group and expert *selection* only, never the weights.
+    With max_groups == num_groups this is plain top-k routing.
+    """
+    limit = NodeLimit(num_groups=num_groups, max_groups=max_groups)
+    _check_logits(logits)
+    check_positive_int("k", k)
+    limit.check(logits.shape[1], k)
+    check_choice("score", score, SCORES)
+    return select_node_limited(router_probs(logits, score), k, limit, normalize=normalize,
+                               bias=bias)
+
+
+def select_node_limited(
+    probs_TE: torch.Tensor,
+    k: int,
+    limit: NodeLimit,
+    *,
+    normalize: bool,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``node_limited_top_k`` on scores already computed and checked."""
+    if limit.max_groups == limit.num_groups:  # no restriction: plain top-k
+        return select_top_k(probs_TE, k, normalize=normalize, bias=bias)
+    T, E = probs_TE.shape
+    G, M = limit.num_groups, limit.max_groups
+    select_TE = probs_TE if bias is None else probs_TE + bias.to(probs_TE.dtype)
+    per_group = E // G
+    best_in_group = min(per_group, math.ceil(k / M))
+    group_TG = select_TE.view(T, G, per_group).topk(best_in_group, dim=-1).values.sum(-1)
+    top_groups_TM = group_TG.topk(M, dim=-1).indices  # (T, M)
+    allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter(1, top_groups_TM, True)
+    allowed_TE = allowed_TG.repeat_interleave(per_group, dim=1)  # (T, E)
+    masked_TE = select_TE.masked_fill(~allowed_TE, float("-inf"))
+    indices_Tk = masked_TE.topk(k, dim=-1).indices
+    weights_Tk = probs_TE.gather(1, indices_Tk)
+    return _normalized(weights_Tk, normalize), indices_Tk
+
+
+def groups_spanned(indices_Tk: torch.Tensor, num_experts: int, num_groups: int) -> torch.Tensor:
+    """How many distinct expert groups each token's experts fall in: (T, k) -> (T,)."""
+    group_Tk = indices_Tk // (num_experts // num_groups)
+    hit_TG = torch.zeros(
+        indices_Tk.shape[0], num_groups, dtype=torch.bool, device=indices_Tk.device
+    )
+    return hit_TG.scatter(1, group_Tk, True).sum(-1)
 
 
 def noisy_logits(
@@ -148,6 +220,4 @@ def expert_choice_routing(logits: torch.Tensor, capacity: int) -> tuple[torch.Te
     check_positive_int("capacity", capacity)
     if capacity > T:
         raise ValueError(f"capacity must be at most the number of tokens ({T}), got {capacity}")
-    probs_TE = router_probs(logits, "softmax")
-    weights_EC, tokens_EC = torch.topk(probs_TE.t(), capacity, dim=-1)
-    return weights_EC, tokens_EC
+    return torch.topk(router_probs(logits, "softmax").t(), capacity, dim=-1)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_lab import MoE, MoEConfig, expert_capacity, top_k_routing
-from moe_lab.balance import ClusterTask, train_balancing
-from moe_lab.experts import torch_grouped_mm_applies
+from moe_lab.backends import torch_grouped_mm_applies
+from moe_lab.lab.balance import ClusterTask, train_balancing
 from moe_lab.routing import expert_choice_routing
 
 
@@ -104,11 +104,11 @@ def test_float32_sort_path_equals_loop(cf):
     "dtype, D, Fh, tol",
     [(torch.float64, 6, 10, {}), (torch.float32, 8, 12, {"rtol": 1e-4, "atol": 1e-5})],
 )
-@pytest.mark.parametrize("pad_limit", [0.0, 1e9])  # never pad / always pad
+@pytest.mark.parametrize("backend", ["auto", "loop", "bmm", "grouped_mm"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [1, 1, 1, 1]])
-def test_forward_sorted_paths_equal_per_expert_reference(counts, pad_limit, dtype, D, Fh, tol):
-    """Every path of forward_sorted (padded bmm; torch grouped matmul for float32 with 16-byte
-    rows; per-expert matmuls otherwise) equals forward_expert, gradients included."""
+def test_forward_sorted_backends_equal_per_expert_reference(counts, backend, dtype, D, Fh, tol):
+    """Every CPU backend of forward_sorted (per-expert matmuls; padded bmm; torch grouped
+    matmul for float32 with 16-byte rows) equals forward_expert, gradients included."""
     from moe_lab.experts import Experts
 
     torch.manual_seed(0)
@@ -116,7 +116,11 @@ def test_forward_sorted_paths_equal_per_expert_reference(counts, pad_limit, dtyp
     c = torch.tensor(counts)
     x = torch.randn(int(c.sum()), D, dtype=dtype, requires_grad=True)
     assert torch_grouped_mm_applies(x, ex.w_up) == (dtype == torch.float32)
-    y = ex.forward_sorted(x, c, pad_limit=pad_limit)
+    if backend == "grouped_mm" and dtype != torch.float32:
+        with pytest.raises(ValueError, match="grouped_mm' needs float32 on CPU"):
+            ex.forward_sorted(x, c, backend=backend)
+        return
+    y = ex.forward_sorted(x, c, backend=backend)
     g = torch.randn_like(y)
     grads = torch.autograd.grad((y * g).sum(), [x, *ex.parameters()])
     blocks = torch.split(x, counts)
@@ -135,7 +139,7 @@ def test_torch_grouped_mm_takes_a_broadcast_gradient():
     ex = Experts(3, 8, 12)
     c = torch.tensor([5, 0, 3])
     x = torch.randn(8, 8, requires_grad=True)
-    ex.forward_sorted(x, c, pad_limit=0.0).sum().backward()
+    ex.forward_sorted(x, c, backend="grouped_mm").sum().backward()
     ref = torch.cat([ex.forward_expert(e, b) for e, b in enumerate(torch.split(x, [5, 0, 3]))])
     (gx,) = torch.autograd.grad(ref.sum(), [x])
     torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_lab import MoE, MoEConfig
-from moe_lab.dispatch import get_dispatch, permute
+from moe_lab.dispatch import make_dispatcher, permute
 
 IMPLS = ["loop", "einsum", "sort"]
 
@@ -96,9 +96,9 @@ def test_permute_then_unpermute_is_identity(T, E, k, drop, seed):
     assert int(counts.sum()) == int(kept.sum())
 
 
-def test_get_dispatch_rejects_unknown():
-    with pytest.raises(ValueError, match="impl"):
-        get_dispatch("warp")
+def test_make_dispatcher_rejects_unknown():
+    with pytest.raises(ValueError, match="dispatcher"):
+        make_dispatcher("warp")
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab import FFN, Experts
-from moe_lab.experts import grouped_mm_loop
+from moe_lab.backends import grouped_mm_loop
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -49,7 +49,10 @@ def test_sorted_batched_and_grouped_agree(counts, activation):
     blocks = torch.split(x, counts)
     want = torch.cat([ex.forward_expert(e, b) for e, b in enumerate(blocks)] + [x[:0]])
     torch.testing.assert_close(ex.forward_sorted(x, counts_E), want)
-    torch.testing.assert_close(ex.forward_sorted(x, counts_E, mm=grouped_mm_loop), want)
+    for backend in ("loop", "bmm"):
+        torch.testing.assert_close(ex.forward_sorted(x, counts_E, backend=backend), want)
+    w_up = torch.cat([b @ ex.w_up[e] for e, b in enumerate(blocks)] + [x[:0] @ ex.w_up[0]])
+    torch.testing.assert_close(grouped_mm_loop(x, ex.w_up, counts_E), w_up)
 
 
 def test_bad_sizes():

@@ -61,7 +61,8 @@ def test_one_expert_top1_equals_dense_model():
         for name in ("w_gate", "w_up", "w_down"):
             state[f"blocks.{i}.ffn.experts.{name}"] = state.pop(f"blocks.{i}.ffn.{name}")[None]
         state[f"blocks.{i}.ffn.router.weight"] = moe.state_dict()[f"blocks.{i}.ffn.router.weight"]
-        state[f"blocks.{i}.ffn.expert_bias"] = moe.state_dict()[f"blocks.{i}.ffn.expert_bias"]
+        key = f"blocks.{i}.ffn.router.expert_bias"
+        state[key] = moe.state_dict()[key]
     moe.load_state_dict(state)
     idx = torch.randint(0, 256, (3, 12))
     tgt = torch.randint(0, 256, (3, 12))

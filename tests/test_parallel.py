@@ -18,13 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_lab import MoE, MoEConfig
-from moe_lab.parallel import (
-    ExpertParallelMoE,
-    NodeLimit,
-    groups_spanned,
-    node_limited_top_k,
-    spawn,
-)
+from moe_lab.parallel import ExpertParallelMoE, spawn
 from moe_lab.parallel.checks import (
     equivalence,
     fault_drill,
@@ -34,10 +28,17 @@ from moe_lab.parallel.checks import (
     traffic,
 )
 from moe_lab.parallel.traffic import dedup_node_rows, dispatch_rows, node_matrix, step_matrix
-from moe_lab.routing import router_probs, top_k_routing
+from moe_lab.routing import (
+    NodeLimit,
+    groups_spanned,
+    node_limited_top_k,
+    router_probs,
+    top_k_routing,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOAT_KEYS = ("y", "aux_loss", "z_loss", "x_grad", "expert_grad", "router_grad", "shared_grad")
+FLOAT_KEYS = ("y", "aux_loss", "z_loss", "x_grad", "expert_grad", "router_grad", "shared_grad",
+              "expert_bias")
 
 
 # ---------------------------------------------------------------- node-limited routing
@@ -162,6 +163,10 @@ CASES = [
     {"capacity_factor": 0.5, "activation": "gelu", "top_k": 1},
     {"capacity_factor": 1.25, "num_experts": 16, "top_k": 4, "tokens": 9},
     {"shared_d_ff": 6},  # a replicated shared expert (DeepSeekMoE)
+    # sigmoid scores with a selection bias (DeepSeek-V3), noisy gating, both with capacity
+    {"score": "sigmoid", "expert_bias": True, "capacity_factor": 1.0},
+    {"noisy_gating": True, "expert_bias": True, "capacity_factor": 1.0},
+    {"router": "expert_choice", "capacity_factor": 1.0},  # k = E slots, kept where picked
 ]
 
 
@@ -174,7 +179,11 @@ def _check_rank_results(per_rank, W):
                 assert res[key] < 1e-12, (W, case, key, res[key])
             assert res["ints_equal"], (W, case)
         # The scenario really has what it claims: idle experts, drops when capacity is set.
-        assert rows[0]["idle_experts"] >= 2
+        if case.get("router") == "expert_choice":  # balanced by construction: none idle
+            assert rows[0]["idle_experts"] == 0
+            continue
+        if not (case.get("noisy_gating") or case.get("expert_bias")):  # these revive some
+            assert rows[0]["idle_experts"] >= 2
         if case.get("capacity_factor"):
             assert sum(r["dropped"] for r in rows) > 0
         if W > 1:
@@ -335,9 +344,12 @@ def test_bad_input_and_splits_raise_clear_errors(one_rank_group):
         all_to_all(torch.randn(4, 2), [4], [3])
     with pytest.raises(ValueError, match="output_splits"):
         all_to_all(torch.randn(4, 2), [4, 0], [4])
-    with pytest.raises(ValueError, match="router='expert_choice'"):
-        ExpertParallelMoE.from_moe(MoE(MoEConfig(d_model=4, d_ff=8, num_experts=4,
-                                                 router="expert_choice", capacity_factor=1.0)))
+    with pytest.raises(ValueError, match="node_limit needs router='top_k'"):
+        ExpertParallelMoE.from_moe(
+            MoE(MoEConfig(d_model=4, d_ff=8, num_experts=4, router="expert_choice",
+                          capacity_factor=1.0)),
+            node_limit=NodeLimit(num_groups=2, max_groups=1),
+        )
     with pytest.raises(ValueError, match="node_limit"):
         ExpertParallelMoE.from_moe(moe, node_limit=NodeLimit(num_groups=3, max_groups=1))
     # Leading dimensions are flattened and restored, as in the unsharded layer.

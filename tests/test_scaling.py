@@ -581,6 +581,23 @@ def test_capacity_caps_every_expert_and_counts_the_drops():
     assert capped.straggler < free.straggler
 
 
+def test_simulated_capacity_is_the_layers_expert_capacity():
+    """The straggler simulation caps experts with routing.expert_capacity, not a copy of it.
+
+    1.1 * 2 * 100 / 4 is 55.000000000000007 in floating point: a bare ceil gives 56 slots, the
+    layer gives 55. A popular expert that every token picks must be held to the layer's 55.
+    """
+    from moe_lab.routing import expert_capacity
+
+    assert math.ceil(1.1 * 2 * 100 / 4) == 56 and expert_capacity(100, 4, 2, 1.1) == 55
+    p = np.array([0.97, 0.01, 0.01, 0.01])
+    free = simulate_step(p, n_tokens=100, top_k=2, n_devices=4, seed=0)
+    capped = simulate_step(p, n_tokens=100, top_k=2, n_devices=4, capacity_factor=1.1, seed=0)
+    assert free.expert_load.max() > 56
+    assert capped.expert_load.max() == 55
+    assert capped.dropped == int(free.expert_load.max()) - 55
+
+
 def test_full_balancing_equals_uniform_routing():
     p = expert_popularity(16, skew="dirichlet", alpha=0.3, seed=2)
     a = simulate_step(p, n_tokens=1000, top_k=2, n_devices=4, balance=1.0, seed=5)

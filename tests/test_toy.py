@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_lab.toy import BOUNDARIES, PIECES, X_RANGE, piecewise_data, piecewise_target, region
+from moe_lab.lab.toy import BOUNDARIES, PIECES, X_RANGE, piecewise_data, piecewise_target, region
 
 
 def test_regions_and_boundaries():

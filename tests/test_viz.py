@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from moe_lab.viz import finish, human, show, text_table  # noqa: E402
+from moe_lab.lab.viz import finish, human, show, text_table  # noqa: E402
 
 
 def test_finish_sets_title_labels_and_legend():

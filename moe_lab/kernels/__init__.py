@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from moe_lab.experts import grouped_mm_loop as grouped_gemm_reference  # noqa: E402
+from moe_lab.backends import grouped_mm_loop as grouped_gemm_reference  # noqa: E402
 
 from .grouped import GroupedGemm, grouped_gemm, interpreter_active  # noqa: E402
 from .tile_configs import Tiles, tiles_for  # noqa: E402

@@ -2,24 +2,23 @@
 
 Start ranks with torchrun (``torchrun --nproc_per_node=4 -m moe_lab.parallel --check``) or
 from Python with ``moe_lab.parallel.spawn``; wrap a replicated ``MoE`` with
-``ExpertParallelMoE.from_moe``.
+``ExpertParallelMoE.from_moe``: the same layer with the all-to-all dispatcher. Node-limited
+routing, which bounds the ranks a token's rows travel to, is routing:
+``moe_lab.routing.node_limited_top_k`` and ``MoEConfig(node_limit=...)``.
 """
 
 from moe_lab.parallel.comm import PeerFailure, TrafficLog, all_to_all
 from moe_lab.parallel.launch import SpawnError, free_port, spawn
-from moe_lab.parallel.layer import ExpertParallelMoE, ExpertParallelOutput
-from moe_lab.parallel.routing import NodeLimit, groups_spanned, node_limited_top_k
+from moe_lab.parallel.layer import AllToAllDispatcher, ExpertParallelMoE, ExpertParallelOutput
 
 __all__ = [
+    "AllToAllDispatcher",
     "ExpertParallelMoE",
     "ExpertParallelOutput",
-    "NodeLimit",
     "PeerFailure",
     "SpawnError",
     "TrafficLog",
     "all_to_all",
     "free_port",
-    "groups_spanned",
-    "node_limited_top_k",
     "spawn",
 ]

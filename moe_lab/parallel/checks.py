@@ -6,22 +6,18 @@ Each function here runs on every rank (under ``spawn`` or torchrun) and returns 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from moe_lab.config import MoEConfig
-from moe_lab.dispatch import dispatch_sort
+from moe_lab.config import MoEConfig, NodeLimit
 from moe_lab.layer import MoE
-from moe_lab.losses import load_balancing_loss, router_z_loss
 from moe_lab.parallel.comm import PeerFailure, TrafficLog
 from moe_lab.parallel.layer import ExpertParallelMoE
-from moe_lab.parallel.routing import NodeLimit, node_limited_top_k
 from moe_lab.parallel.traffic import dedup_node_rows, dispatch_rows, gather_rows
-from moe_lab.routing import capacity_mask, expert_capacity, router_probs
 
 
 def make_case(
@@ -39,18 +35,24 @@ def make_case(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     shared_d_ff: int = 0,
+    score: str = "softmax",
+    noisy_gating: bool = False,
+    expert_bias: bool = False,
+    router: str = "top_k",
 ):
     """A seeded layer and per-rank inputs built identically on every rank.
 
     Every token leans along one direction u and the router rows of ``dead_experts`` point
     against u, so those experts get no tokens. Rank r has ``tokens + 3r`` tokens, shifted
     towards the router row of a different live expert, so ranks route unevenly.
+    ``expert_bias`` sets a non-zero selection bias; ``noisy_gating`` a non-zero noise weight.
     Returns (moe, xs, grads_out): one input and one output cotangent per rank.
     """
     # top-1 runs Switch-style (unnormalised), so the router gradient is checked, not just zero
     cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
                     capacity_factor=capacity_factor, activation=activation,
-                    normalize_weights=top_k > 1, shared_d_ff=shared_d_ff)
+                    normalize_weights=top_k > 1, shared_d_ff=shared_d_ff, score=score,
+                    noisy_gating=noisy_gating, router=router)
     torch.manual_seed(seed)
     moe = MoE(cfg).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -59,6 +61,10 @@ def make_case(
     with torch.no_grad():
         for e in dead_experts:
             moe.router.weight[e] = -4.0 * u
+        if expert_bias:
+            moe.router.expert_bias.copy_(0.05 * torch.randn(num_experts, generator=gen))
+        if noisy_gating:
+            moe.router.noise.weight.copy_(0.5 * torch.randn(num_experts, d_model, generator=gen))
     xs, gs = [], []
     live = [e for e in range(num_experts) if e not in dead_experts]
     for r in range(world_size):
@@ -70,25 +76,14 @@ def make_case(
     return moe.to(device), xs, gs
 
 
-def unsharded(moe: MoE, x: torch.Tensor, node_limit: NodeLimit | None = None):
-    """The unsharded layer; with ``node_limit``, the same steps with node-limited routing."""
+def reference_layer(moe: MoE, node_limit: NodeLimit | None = None) -> MoE:
+    """The oracle: the real unsharded layer (a copy with ``node_limit`` in its config)."""
     if node_limit is None:
-        return moe(x)
-    cfg, E = moe.cfg, moe.cfg.num_experts
-    logits = moe.router(x)
-    w, i = node_limited_top_k(logits, cfg.top_k, node_limit.num_groups, node_limit.max_groups,
-                              score=cfg.score, normalize=cfg.normalize_weights)
-    probs = router_probs(logits, cfg.score)
-    keep = None
-    if cfg.capacity_factor is not None:
-        keep = capacity_mask(i, E, expert_capacity(x.shape[0], E, cfg.top_k, cfg.capacity_factor))
-    kept = i if keep is None else i[keep]
-    return SimpleNamespace(
-        y=dispatch_sort(x, w.to(x.dtype), i, keep, moe.experts),
-        aux_loss=load_balancing_loss(probs, i, E), z_loss=router_z_loss(logits),
-        tokens_per_expert=torch.bincount(kept.reshape(-1), minlength=E),
-        dropped=0 if keep is None else int((~keep).sum()),
-    )
+        return moe
+    w = moe.router.weight
+    limited = MoE(dataclasses.replace(moe.cfg, node_limit=node_limit)).to(w.device, w.dtype)
+    limited.load_state_dict(moe.state_dict())
+    return limited
 
 
 def _loss(out, g):
@@ -134,13 +129,19 @@ def equivalence(
         case = dict(case, seed=case.get("seed", 0) + 1000 * replica)
         moe, xs, gs = make_case(W, device=device, **case)
         ep = ExpertParallelMoE.from_moe(moe, group, node_limit=nl)
+        moe = reference_layer(moe, nl)
         x = xs[rank].clone().requires_grad_()
+        torch.manual_seed(9000 + rank)  # noisy gating: the same noise as the reference's
         out = ep(x)
         _loss(out, gs[rank]).backward()
         global_load = ep.global_tokens_per_expert(out)
+        ep.update_bias(out.tokens_per_expert, rate=0.1)  # from this rank's load: made global
 
         ref_xs = [xi.clone().requires_grad_() for xi in xs]
-        refs = [unsharded(moe, xi, nl) for xi in ref_xs]
+        refs = []
+        for r, xi in enumerate(ref_xs):
+            torch.manual_seed(9000 + r)
+            refs.append(moe(xi))
         losses = [_loss(o, g) for o, g in zip(refs, gs, strict=True)]
         # router and shared expert are replicated: their gradients are this rank's tokens' only
         shared = list(moe.shared.parameters()) if moe.shared is not None else []
@@ -155,6 +156,7 @@ def equivalence(
             for name in ("w_gate", "w_up", "w_down") if getattr(moe.experts, name) is not None
         )
         ref_load = sum(o.tokens_per_expert for o in refs)
+        moe.update_bias(ref_load, rate=0.1)
         results.append({
             "y": _maxdiff(out.y, ref.y),
             "aux_loss": _maxdiff(out.aux_loss, ref.aux_loss),
@@ -168,10 +170,11 @@ def equivalence(
                                  strict=True)),
                 default=0.0,
             ),
+            "expert_bias": _maxdiff(ep.expert_bias, moe.expert_bias),
             "ints_equal": bool(torch.equal(out.tokens_per_expert, ref.tokens_per_expert)
                                and out.dropped == ref.dropped
                                and torch.equal(global_load, ref_load)),
-            "dropped": out.dropped,
+            "dropped": int(out.dropped),
             "idle_experts": int((global_load == 0).sum()),
             "send_rows": out.send_rows,
             "recv_rows": out.recv_rows,
@@ -194,11 +197,7 @@ def traffic(case: dict, node_limit: dict | None = None, ranks_per_node: int = 1)
     x = xs[rank].clone().requires_grad_()
     out = ep(x)
     _loss(out, gs[rank]).backward()
-    cfg = moe.cfg
-    keep = None
-    if cfg.capacity_factor is not None:
-        cap = expert_capacity(x.shape[0], cfg.num_experts, cfg.top_k, cfg.capacity_factor)
-        keep = capacity_mask(out.indices, cfg.num_experts, cap)
+    cfg, keep = moe.cfg, out.keep  # keep: the assignments capacity kept (None: all)
     row_bytes = cfg.d_model * x.element_size()
     analytic = dispatch_rows(out.indices, keep, cfg.num_experts, W) * row_bytes
     measured = {

@@ -10,10 +10,11 @@ is modelled as mixing the popularity toward uniform: p' = (1 - balance) p + bala
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from moe_lab.routing import expert_capacity
 
 
 def expert_popularity(
@@ -96,8 +97,8 @@ def simulate_step(
     load_E = route_counts(p_mix, n_tokens=n_tokens, top_k=top_k, seed=seed)
     dropped = 0
     if capacity_factor is not None:
-        # The expert_capacity formula of chapter 5: ceil(cf * k * T / E) slots per expert.
-        cap = math.ceil(capacity_factor * top_k * n_tokens / E)
+        # The layer's own slots per expert (chapter 5), so a simulated drop is a real one.
+        cap = expert_capacity(n_tokens, E, top_k, capacity_factor)
         kept_E = np.minimum(load_E, cap)
         dropped = int((load_E - kept_E).sum())
         load_E = kept_E

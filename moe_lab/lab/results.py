@@ -1,8 +1,9 @@
 """Read committed training logs and compare runs fairly: chapter 7's result loaders.
 
-Each log is the JSON ``python -m moe_lab.train`` writes. Runs are compared seed by seed
-against the dense run with the same seed and schedule, on the fixed validation set, so a
-difference between two runs is a paired difference over the same windows.
+Each log is the JSON ``python -m moe_lab.train`` writes for one preset of
+``moe_lab.lab.presets``. Runs are compared seed by seed against the dense run with the same seed
+and schedule, on the fixed validation set, so a difference between two runs is a paired
+difference over the same windows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+from moe_lab.lab.viz import finish, show, text_table
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def load_runs(preset: str, results_dir: str | Path = RESULTS_DIR) -> dict[tuple, dict]:
@@ -110,8 +113,6 @@ def _ratio(v: float | None) -> str:
 
 def seed_table(rows: list[Comparison]) -> str:
     """One line per run: final loss, paired difference to dense, steps and CPU-time shares."""
-    from moe_lab.viz import text_table
-
     return text_table(
         ("variant", "seed", "final", "vs dense", "steps", "CPU", "dense to it"),
         [
@@ -126,8 +127,6 @@ def plot_curves(logs: dict[tuple, dict], steps: int, title: str, ylim=(None, Non
     """Validation loss against steps and against CPU time: mean and range over seeds."""
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from moe_lab.viz import finish, show
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = sorted({v for (v, _, n) in logs if n == steps}, key=lambda v: v != "dense")
@@ -170,8 +169,6 @@ def _span(values: list[float | None]) -> str:
 def summary_table(results: dict[str, list[Comparison]]) -> str:
     """One line per (model, variant): seeds, mean final loss, mean paired difference (with the
     largest standard error), and the range over seeds of the step and CPU-time shares."""
-    from moe_lab.viz import text_table
-
     table = []
     for name, rows in results.items():
         for variant, rs in by_variant(rows).items():

@@ -1,0 +1,173 @@
+"""Expert backends: which GEMMs run E experts on rows already grouped by expert.
+
+Every backend computes the same thing: rows ``x_ND`` sorted by expert (``counts_E[e]`` rows for
+expert e) in, each block through its own expert FFN, rows out in the same order. They differ
+only in the matmul calls:
+
+- ``loop``: one set of matmuls per expert (E launches per weight; no padding).
+- ``bmm``: pad every expert to the busiest one's count, one batched matmul per weight.
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm``, one call per weight, no padding
+  (float32 on CPU; bfloat16 on CUDA; row strides a multiple of 16 bytes).
+- ``triton``: this package's grouped GEMM kernel (chapter 9).
+- ``auto``: on CUDA, ``grouped_mm`` where it applies; else ``bmm`` when padding costs at most
+  ``AUTO_PAD_LIMIT`` times the real rows, else ``grouped_mm`` where it applies, else ``loop``.
+
+Host syncs: ``loop`` reads the counts (split sizes) and ``bmm`` the busiest count; ``grouped_mm``
+and ``triton`` take the counts as a device tensor (the Triton wrapper reads them to build its
+tile schedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("loop", "bmm", "grouped_mm", "triton")
+AUTO_PAD_LIMIT = 1.25  # "auto" pads (bmm) while E * max(count) <= this * rows
+
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def grouped_mm_loop(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """Reference grouped matmul: rows of x sorted by expert, block e multiplied by w[e]."""
+    sizes = [int(c) for c in counts_E.tolist()]
+    blocks = torch.split(x_NK, sizes)
+    outs = [block @ w_EKM[e] for e, block in enumerate(blocks)]
+    if not outs:
+        return x_NK.new_zeros(0, w_EKM.shape[-1])
+    return torch.cat(outs, dim=0)  # (N, M)
+
+
+def grouped_mm_torch(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """PyTorch's own grouped matmul (``F.grouped_mm``): every expert's block in one call."""
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each expert's block
+    out_NM = F.grouped_mm(x_NK, w_EKM, offs=offs_E)
+    if out_NM.requires_grad:
+        # its backward rejects a broadcast gradient (e.g. from out.sum()): hand it a dense one
+        out_NM.register_hook(lambda g: g.contiguous())
+    return out_NM  # (N, M)
+
+
+def torch_grouped_mm_applies(x_NK: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether ``grouped_mm_torch`` runs here: float32 on CPU or bfloat16 on CUDA, contiguous
+    rows, and every inner dimension's row a multiple of 16 bytes (its alignment rule)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype_ok = {"cpu": torch.float32, "cuda": torch.bfloat16}.get(x_NK.device.type)
+    if x_NK.dtype != dtype_ok:
+        return False
+    per_16_bytes = 16 // x_NK.element_size()
+    dims = [x_NK.shape[-1]] + [d for w in weights if w is not None for d in w.shape[1:]]
+    return x_NK.is_contiguous() and all(d % per_16_bytes == 0 for d in dims)
+
+
+class _PadRows(torch.autograd.Function):
+    """(N, D) rows sorted by expert -> (E, C, D) slab, expert e's rows in slots [0, counts[e]).
+
+    Slots past an expert's count hold copies of real rows; whatever comes out of them is
+    dropped by ``_UnpadRows``, whose backward writes zeros there, so no gradient leaks.
+    The two are each other's backward, and both are gathers (no scatter-add).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, rows_EC, pos_N):
+        ctx.save_for_backward(pos_N)
+        E, C = rows_EC.shape
+        return x_ND.index_select(0, rows_EC.reshape(-1)).view(E, C, x_ND.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g_ECD):
+        (pos_N,) = ctx.saved_tensors
+        return g_ECD.reshape(-1, g_ECD.shape[-1]).index_select(0, pos_N), None, None
+
+
+class _UnpadRows(torch.autograd.Function):
+    """(E, C, D) slab -> the (N, D) rows in its valid slots; backward pads with zeros."""
+
+    @staticmethod
+    def forward(ctx, h_ECD, rows_EC, pos_N, valid_EC):
+        ctx.save_for_backward(rows_EC, valid_EC)
+        return h_ECD.reshape(-1, h_ECD.shape[-1]).index_select(0, pos_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        rows_EC, valid_EC = ctx.saved_tensors
+        E, C = rows_EC.shape
+        g_ECD = g_ND.index_select(0, rows_EC.reshape(-1)).view(E, C, g_ND.shape[-1])
+        return g_ECD * valid_EC.unsqueeze(-1).to(g_ECD.dtype), None, None, None
+
+
+def run_bmm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Pad to the busiest expert's count and run ``experts.forward_batched`` (3 bmm calls)."""
+    N = x_ND.shape[0]
+    C = int(counts_E.max())  # host sync: the slab's size
+    slot_C = torch.arange(C, device=x_ND.device)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    valid_EC = slot_C < counts_E.unsqueeze(1)  # (E, C) slots holding a real row
+    rows_EC = (starts_E.unsqueeze(1) + slot_C).clamp(max=N - 1)  # row each slot reads
+    pos_N = torch.nonzero(valid_EC.reshape(-1)).squeeze(1)  # slab slot of each row
+    x_ECD = _PadRows.apply(x_ND, rows_EC, pos_N)
+    return _UnpadRows.apply(experts.forward_batched(x_ECD), rows_EC, pos_N, valid_EC)
+
+
+def run_loop(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """One set of matmuls per expert with rows, on its contiguous block."""
+    sizes = [int(c) for c in counts_E.tolist()]  # host sync: the split sizes
+    # unbind, not w[e]: the backward of E selects would build E zero-filled (E, D, F)
+    # gradients and add them up; unbind's backward stacks the E slices once.
+    w_gate = experts.w_gate.unbind(0) if experts.w_gate is not None else None
+    w_up, w_down = experts.w_up.unbind(0), experts.w_down.unbind(0)
+    outs = []
+    for e, blk_nD in enumerate(torch.split(x_ND, sizes)):
+        if sizes[e]:
+            gate = blk_nD @ w_gate[e] if w_gate is not None else None
+            outs.append(experts.act(gate, blk_nD @ w_up[e]) @ w_down[e])
+    return torch.cat(outs, dim=0)
+
+
+def _run_mm(mm: GroupedMM):
+    def run(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        gate = mm(x_ND, experts.w_gate, counts_E) if experts.w_gate is not None else None
+        return mm(experts.act(gate, mm(x_ND, experts.w_up, counts_E)), experts.w_down, counts_E)
+
+    return run
+
+
+def run_grouped_mm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` for each weight; a clear error where its dtype/alignment rules fail."""
+    if not torch_grouped_mm_applies(x_ND, experts.w_gate, experts.w_up, experts.w_down):
+        raise ValueError(
+            "backend='grouped_mm' needs float32 on CPU or bfloat16 on CUDA, contiguous rows and "
+            f"dimensions whose rows are multiples of 16 bytes; got {x_ND.dtype} on "
+            f"{x_ND.device.type} with d_model={x_ND.shape[-1]}, d_ff={experts.d_ff}; "
+            "use backend='auto'"
+        )
+    return _run_mm(grouped_mm_torch)(experts, x_ND, counts_E)
+
+
+def run_triton(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The chapter-9 Triton grouped GEMM for each weight (imported only when used)."""
+    from moe_lab.kernels import grouped_gemm
+
+    return _run_mm(grouped_gemm)(experts, x_ND, counts_E)
+
+
+RUNNERS = {"loop": run_loop, "bmm": run_bmm, "grouped_mm": run_grouped_mm, "triton": run_triton}
+
+
+def choose_auto(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> str:
+    """What ``backend="auto"`` runs for these rows (see the module docstring)."""
+    weights = (experts.w_gate, experts.w_up, experts.w_down)
+    if x_ND.device.type == "cuda" and torch_grouped_mm_applies(x_ND, *weights):
+        return "grouped_mm"
+    if experts.num_experts * int(counts_E.max()) <= AUTO_PAD_LIMIT * x_ND.shape[0]:
+        return "bmm"
+    if torch_grouped_mm_applies(x_ND, *weights):
+        return "grouped_mm"
+    return "loop"

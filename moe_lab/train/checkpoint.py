@@ -1,0 +1,73 @@
+"""Checkpoints of a training run: written atomically, read back safely, checked before use.
+
+A checkpoint holds the model, the optimizer, the step and the loop's running state (the log so
+far, timers, load counters), so a resumed run continues exactly where it stopped. It is written
+to a temporary file and renamed, so a run killed mid-write leaves the previous checkpoint whole;
+it is read with ``weights_only=True``, so loading a file runs no pickled code; and it is refused,
+with every mismatch named, when its config or tensor shapes differ from the run resuming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe_lab.train.config import TrainConfig
+
+CKPT_FORMAT = "moe_lab.tinylm/1"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    items = {}
+    for k, v in d.items():
+        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return items
+
+
+def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, state: dict) -> None:
+    """Write model, optimizer, step and the running log; atomically (tmp file, then rename)."""
+    blob = {
+        "format": CKPT_FORMAT,
+        "config": cfg.to_dict(),
+        "step": step,
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "state": state,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[int, dict]:
+    """Restore a checkpoint written by ``save_checkpoint``; clear errors name file and mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, disallowed globals...
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a {CKPT_FORMAT} checkpoint")
+    want, got = _flat(cfg.to_dict()), _flat(blob["config"])
+    diff = [
+        f"{k}: {got.get(k)!r} in checkpoint, {want.get(k)!r} now"
+        for k in sorted(set(want) | set(got))
+        if want.get(k) != got.get(k)
+    ]
+    if diff:
+        raise ValueError(f"{path} was written for a different config: " + "; ".join(diff))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in blob["model"].items()}
+    bad = [
+        f"{k}: {theirs.get(k)} in checkpoint, {own.get(k)} in model"
+        for k in sorted(set(own) | set(theirs))
+        if own.get(k) != theirs.get(k)
+    ]
+    if bad:
+        raise ValueError(f"{path} does not match the model's tensors: " + "; ".join(bad))
+    model.load_state_dict(blob["model"])
+    opt.load_state_dict(blob["optim"])
+    return int(blob["step"]), blob["state"]

@@ -31,7 +31,16 @@ from moe_lab import FFN, MoE, MoEConfig
 from moe_lab.dispatch import permute
 from moe_lab.provenance import cpu_model, machine_record
 
-IMPLS = ("loop", "einsum", "sort")
+# (name, dispatcher, expert backend); "loop", "einsum", "sort" keep backend="auto" (what the
+# layer does by default), the "sort+..." variants pin one CPU backend each.
+VARIANTS = (
+    ("loop", "loop", "auto"),
+    ("einsum", "einsum", "auto"),
+    ("sort", "sort", "auto"),
+    ("sort+loop", "sort", "loop"),
+    ("sort+bmm", "sort", "bmm"),
+    ("sort+grouped_mm", "sort", "grouped_mm"),
+)
 
 
 def command_line(argv: list[str] | None) -> str:
@@ -56,16 +65,17 @@ def make_variants(T: int, D: int, Fh: int, E: int, k: int, seed: int = 0):
     variants["dense"] = run_dense
 
     moes = {}
-    for impl in IMPLS:
-        torch.manual_seed(seed + 1)  # same weights for every impl
-        moes[impl] = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=k, impl=impl))
+    for name, impl, backend in VARIANTS:
+        torch.manual_seed(seed + 1)  # same weights for every variant
+        moes[name] = MoE(MoEConfig(d_model=D, d_ff=Fh, num_experts=E, top_k=k, impl=impl,
+                                   backend=backend))
 
-        def run_moe(moe=moes[impl]):
+        def run_moe(moe=moes[name]):
             x = x_TD.detach().requires_grad_(True)
             out = moe(x)
             ((out.y * g_TD).sum() + 0.01 * out.aux_loss).backward()
 
-        variants[impl] = run_moe
+        variants[name] = run_moe
 
     # The expert FFNs alone on tokens already sorted by expert: what sort adds on top is the
     # router, routing, permute (gather) and weighted un-permute (scatter-add).
@@ -82,7 +92,7 @@ def make_variants(T: int, D: int, Fh: int, E: int, k: int, seed: int = 0):
 
     variants["sort_experts_only"] = run_experts_only
     params = [p for m in (dense, *moes.values()) for p in m.parameters()]
-    return variants, params, counts_E.tolist()
+    return variants, params, counts_E.tolist(), moes
 
 
 def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed=0):
@@ -93,7 +103,7 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
     """
     torch.set_num_threads(threads)
     machine_start = machine_record()
-    variants, params, load = make_variants(T, D, Fh, E, k, seed)
+    variants, params, load, moes = make_variants(T, D, Fh, E, k, seed)
     names = list(variants)
     times = {n: [] for n in names}
     rng = random.Random(seed)
@@ -120,6 +130,9 @@ def bench(T=4096, D=512, Fh=1024, E=8, k=2, repeats=9, warmup=2, threads=2, seed
         "shape": {"tokens": T, "d_model": D, "d_ff": Fh, "num_experts": E, "top_k": k},
         "dense_baseline": f"SwiGLU FFN, hidden size k*d_ff = {k * Fh}",
         "measured": "forward + backward of the whole layer (router and routing included)",
+        "variants": {n: {"dispatcher": i, "backend": b} for n, i, b in VARIANTS},
+        "auto_backend_chose": {n: m.experts.last_backend for n, m in moes.items()
+                               if m.experts.backend == "auto"},
         "tokens_per_expert": load,
         "repeats": repeats,
         "warmup": warmup,

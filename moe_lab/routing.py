@@ -76,8 +76,11 @@ def top_k_routing(
     if k > num_experts:
         raise ValueError(f"k must be between 1 and num_experts={num_experts}, got {k}")
     check_choice("score", score, SCORES)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,)):
-        raise ValueError(f"bias must be a tensor of shape ({num_experts},)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (num_experts,):
+            raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
     return select_top_k(router_probs(logits, score), k, normalize=normalize, bias=bias)
 
 

@@ -17,7 +17,12 @@ def test_bench_tiny_shape_writes_result(tmp_path):
          "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]
     )
     saved = json.loads(out.read_text())
-    assert saved["median_s"].keys() == {"dense", "loop", "einsum", "sort", "sort_experts_only"}
+    assert saved["median_s"].keys() == {
+        "dense", "loop", "einsum", "sort", "sort+loop", "sort+bmm", "sort+grouped_mm",
+        "sort_experts_only",
+    }
+    assert saved["variants"]["sort+bmm"] == {"dispatcher": "sort", "backend": "bmm"}
+    assert set(saved["auto_backend_chose"]) == {"loop", "einsum", "sort"}
     assert saved["ratio_to_dense"]["dense"] == 1.0 == saved["paired_ratio_median"]["dense"]
     assert all(len(v) == 2 for v in saved["times_s"].values())
     assert sum(saved["tokens_per_expert"]) == 64 * 2

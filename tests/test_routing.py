@@ -154,3 +154,11 @@ def test_expert_choice_picks_top_tokens_per_expert():
     assert set(tok[0].tolist()) == {0, 1} and tok[1, 0].item() == 2
     with pytest.raises(ValueError, match="capacity"):
         expert_choice_routing(logits, 5)
+
+
+def test_bias_errors_name_the_argument_and_the_problem():
+    logits = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        top_k_routing(logits, 2, bias=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        top_k_routing(logits, 2, bias=torch.zeros(4))

@@ -181,3 +181,30 @@ def test_training_applies_bias_balancing_when_asked(corpus):
     cfg = replace(cfg, model=replace(cfg.model, moe=moe))
     model, _ = train(cfg, corpus=corpus, progress=False)
     assert all(b.ffn.expert_bias.abs().sum() > 0 for b in model.blocks)
+
+
+def test_make_optimizer_groups_every_parameter_once():
+    """Matrices decay; norms and embeddings' 1-D parameters do not; routers (noise excluded)
+    get lr * router_lr_scale and no decay."""
+    from dataclasses import replace
+
+    from moe_lab.train import make_optimizer
+
+    cfg = tiny_cfg()
+    noisy = replace(cfg.model.moe, noisy_gating=True)
+    cfg = replace(cfg, model=replace(cfg.model, moe=noisy), router_lr_scale=0.1,
+                  weight_decay=0.05)
+    model = TinyLM(cfg.model)
+    opt = make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # each exactly once
+    by_group = {(g["weight_decay"], g["lr_scale"]): [names[id(p)] for p in g["params"]]
+                for g in opt.param_groups}
+    routers = by_group[(0.0, 0.1)]
+    assert routers and all(n.endswith("router.weight") for n in routers)
+    assert len(routers) == cfg.model.n_layers
+    decay = by_group[(0.05, 1.0)]
+    assert any(n.endswith("router.noise.weight") for n in decay)
+    assert all(p.dim() >= 2 for n, p in model.named_parameters() if n in decay)
+    assert all(p.dim() < 2 for n, p in model.named_parameters() if n in by_group[(0.0, 1.0)])

@@ -1,4 +1,5 @@
-"""The Triton grouped GEMM equals a float64 per-expert loop, gradients included (interpreted)."""
+"""The Triton grouped GEMM (and its gate-and-up form) equals a float64 per-expert loop,
+gradients included (interpreted); a call launches its kernels and does nothing else."""
 
 import os
 import subprocess
@@ -8,15 +9,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_lab.kernels import (
     Tiles,
     grouped_gemm,
+    grouped_gemm_gate_up,
     grouped_gemm_reference,
     interpreter_active,
+    kernel_tile_schedule,
     tiles_for,
 )
-from moe_lab.kernels.gemm_kernels import tile_schedule
+from moe_lab.kernels import grouped as grouped_module
+from moe_lab.kernels.gemm_kernels import num_row_tiles, tile_schedule
 from tests.chapters import ROOT, load_benchmark
 
 SMALL = Tiles(block_m=16, block_n=16, block_k=16)  # several tiles even at tiny shapes
@@ -101,6 +106,181 @@ def test_schedule_tiles_cover_rows_once_within_one_expert(counts, block_m):
     assert (covered == 1).all(), "every row belongs to exactly one tile"
     real = int((start_T < end_T).sum())
     assert real == sum(-(-c // block_m) for c in counts)
+
+
+@settings(max_examples=15, deadline=None)
+@given(counts=st.lists(st.integers(0, 50), min_size=1, max_size=20),
+       block_m=st.sampled_from([16, 32]))
+def test_kernels_compute_the_same_schedule_as_tile_schedule(counts, block_m):
+    """The schedule each program works out for itself (read back) equals the torch twin."""
+    n, e = sum(counts), len(counts)
+    got_T3 = kernel_tile_schedule(torch.tensor(counts), block_m, n)
+    expert_T, start_T, end_T, _ = tile_schedule(torch.tensor(counts), block_m, n)
+    real_T = start_T < end_T
+    assert got_T3.shape == (num_row_tiles(n, e, block_m), 3)
+    assert torch.equal(got_T3[real_T], torch.stack([expert_T, start_T, end_T], 1)[real_T])
+    assert (got_T3[~real_T, 0] == e).all(), "a spare tile is marked expert == E"
+
+
+class _Launches:
+    """Stand-ins for the kernels that record each launch and run it with `mode` paused."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        interpreted = grouped_module.interpreter_active()  # asks the real kernels
+        monkeypatch.setattr(grouped_module, "interpreter_active", lambda: interpreted)
+        self.names = []
+        for name in ("grouped_gemm_kernel", "grouped_gemm_gate_up_kernel",
+                     "grouped_gemm_dw_kernel"):
+            kernel = getattr(grouped_module, name)
+
+            def launch(grid, kernel=kernel, name=name):
+                def run(*args, **kwargs):
+                    self.names.append(name)
+                    with _disable_current_modes():  # the interpreter's own copies
+                        kernel[grid](*args, **kwargs)
+                return run
+
+            monkeypatch.setattr(grouped_module, name, type(name, (), {
+                "__getitem__": lambda _, grid, launch=launch: launch(grid)})())
+
+
+class _TorchOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# What a call may do besides launching kernels: allocate outputs, view w transposed, make a
+# broadcast upstream gradient dense (clone), sum the two halves of dx (gate and up), and the
+# autograd plumbing of the test itself.
+ALLOWED_OPS = {"empty", "empty_like", "zeros", "transpose", "clone", "add_", "ones_like",
+               "detach", "mul", "sum", "expand"}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["grouped_gemm", "gate_up"])
+def test_a_call_only_launches_kernels_and_repeats_identically(fused, monkeypatch):
+    """No per-call schedule (no cumsum, searchsorted, copy) and, unchecked, no read-back."""
+    launches = _Launches(monkeypatch)
+    x, w, counts_E, _ = make_inputs([7, 0, 9], 20, 17, torch.float32)
+    w_up = w.flip(0).contiguous().requires_grad_(True)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def call(check_counts):
+        x.grad = w.grad = w_up.grad = None
+        with _TorchOps() as mode:
+            if fused:
+                g, u = grouped_gemm_gate_up(x, w, w_up, counts_E, check_counts=check_counts)
+                (g * u).sum().backward()
+            else:
+                grouped_gemm(x, w, counts_E, check_counts=check_counts).sum().backward()
+        return mode.ops
+
+    first, again = call(False), call(False)
+    assert first == again
+    assert set(first) <= ALLOWED_OPS, set(first) - ALLOWED_OPS
+    expected = (["grouped_gemm_gate_up_kernel"] + ["grouped_gemm_kernel"] * 2
+                + ["grouped_gemm_dw_kernel"] * 2) if fused else (
+        ["grouped_gemm_kernel"] * 2 + ["grouped_gemm_dw_kernel"])
+    assert launches.names == expected * 2
+    checked = call(True)  # the value check: one min and sum, read back together
+    assert [op for op in checked if op not in ALLOWED_OPS] == ["min", "stack"]
+
+
+@pytest.mark.parametrize("counts,n", [([3, 10], 5), ([-2, 5, 1], 5), ([4, 4], 3)])
+def test_unchecked_bad_counts_are_clamped_to_the_rows(counts, n):
+    """check_counts=False with counts that lie: rows are clamped to [0, N], never overrun."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, 16, generator=g), torch.randn(len(counts), 16, 8, generator=g)
+    ends = torch.tensor(counts).clamp(min=0).cumsum(0).clamp(max=n)
+    clamped = ends.diff(prepend=torch.zeros(1, dtype=ends.dtype))
+    y = grouped_gemm(x, w, torch.tensor(counts), tiles=SMALL, check_counts=False)
+    torch.testing.assert_close(y, grouped_gemm_reference(x, w, clamped), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tokens_per_expert must"):
+        grouped_gemm(x, w, torch.tensor(counts))
+
+
+# --- gate and up in one launch ---------------------------------------------------------------
+
+GATE_UP_CASES = [([5, 0, 33, 12], 40, 24, SMALL), ([0, 17], 16, 20, SMALL),
+                 ([40, 3, 0, 21], 70, 130, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("counts,k,m,tiles", GATE_UP_CASES, ids=[str(c[0]) for c in GATE_UP_CASES])
+def test_gate_up_matches_float64_reference(counts, k, m, tiles, dtype):
+    x, w_gate, counts_E, d_gate = make_inputs(counts, k, m, dtype)
+    _, w_up, _, d_up = make_inputs(counts, k, m, dtype, seed=1)
+    leaves = [t.requires_grad_(True) for t in (x, w_gate, w_up)]
+    gate, up = grouped_gemm_gate_up(x, w_gate, w_up, counts_E, tiles=tiles, dx_tiles=tiles,
+                                    dw_tiles=tiles)
+    torch.autograd.backward((gate, up), (d_gate, d_up))
+
+    x64, wg64, wu64 = (t.detach().double().requires_grad_(True) for t in leaves)
+    want = (grouped_gemm_reference(x64, wg64, counts_E),
+            grouped_gemm_reference(x64, wu64, counts_E))
+    torch.autograd.backward(want, (d_gate.double(), d_up.double()))
+
+    tol = TOL[dtype]
+    pairs = (("gate", gate, want[0]), ("up", up, want[1]), ("dx", x.grad, x64.grad),
+             ("dw_gate", w_gate.grad, wg64.grad), ("dw_up", w_up.grad, wu64.grad))
+    for name, got, ref in pairs:
+        assert got.dtype == dtype
+        # dx adds two rounded halves (as autograd does for two separate GEMMs): 2x tolerance
+        slack = 2 if name == "dx" else 1
+        torch.testing.assert_close(got.double(), ref, rtol=slack * tol, atol=slack * tol, msg=name)
+
+
+def test_gate_up_with_one_output_unused():
+    """Only gate reaches the loss: dx and dw_gate from it alone, no gradient for w_up."""
+    x, w_gate, counts_E, _ = make_inputs([6, 0, 11], 20, 18, torch.float32)
+    _, w_up, _, _ = make_inputs([6, 0, 11], 20, 18, torch.float32, seed=1)
+    for t in (x, w_gate, w_up):
+        t.requires_grad_(True)
+    gate, _ = grouped_gemm_gate_up(x, w_gate, w_up, counts_E, tiles=SMALL)
+    gate.square().sum().backward()
+    x64, wg64 = (t.detach().double().requires_grad_(True) for t in (x, w_gate))
+    grouped_gemm_reference(x64, wg64, counts_E).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(w_gate.grad.double(), wg64.grad, rtol=2e-5, atol=2e-5)
+    assert w_up.grad is None or not w_up.grad.any()
+
+
+GATE_UP_BAD = {
+    "w_up not a tensor": (lambda wu: wu.tolist(), TypeError, "w_up must be a torch.Tensor"),
+    "w_up other shape": (lambda wu: wu[:, :, :4].contiguous(), ValueError,
+                         "w_up must have the shape of w_gate"),
+    "w_up other dtype": (lambda wu: wu.half(), TypeError, "w_up must have the dtype"),
+    "w_up not contiguous": (lambda wu: wu.transpose(1, 2).contiguous().transpose(1, 2),
+                            ValueError, "w_up must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_UP_BAD))
+def test_gate_up_bad_input_names_the_argument(case):
+    make, error, match = GATE_UP_BAD[case]
+    x, w, counts_E = _good()
+    w_sq = torch.randn(2, 16, 16)
+    with pytest.raises(error, match=match):
+        grouped_gemm_gate_up(x, w_sq, make(w_sq.clone()), counts_E)
+    with pytest.raises(ValueError, match=r"w_gate\.shape\[1\]"):
+        grouped_gemm_gate_up(x[:, :8].contiguous(), w, w, counts_E)
+    with pytest.raises(TypeError, match="tiles must be a moe_lab.kernels.Tiles"):
+        grouped_gemm_gate_up(x, w, w, counts_E, tiles=(16, 16, 16))
+
+
+def test_tile_kinds_fall_back_to_default():
+    for kind in ("forward", "dw", "gate_up"):
+        assert isinstance(tiles_for(kind, torch.device("cpu"), True), Tiles)
+    assert tiles_for("gate_up", torch.device("cpu"), True) == tiles_for(
+        "forward", torch.device("cpu"), True)
 
 
 def test_grad_only_for_w_and_non_contiguous_upstream_grad():
@@ -327,3 +507,22 @@ def test_moe_triton_equals_sort(overrides):
     assert len(grads[1]) == len(grads[0]) >= 4
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_backend_triton_equals_backend_loop(activation):
+    """MoEConfig(backend="triton") (sort dispatch) equals backend="loop", gradients included."""
+    from moe_lab.config import MoEConfig
+    from moe_lab.layer import MoE
+
+    torch.manual_seed(1)
+    cfg = dict(d_model=16, d_ff=24, num_experts=4, top_k=2, activation=activation)
+    ref, tri = MoE(MoEConfig(backend="loop", **cfg)), MoE(MoEConfig(backend="triton", **cfg))
+    tri.load_state_dict(ref.state_dict())
+    assert tri.experts.backend == "triton"
+    x = torch.randn(2, 9, 16)
+    for moe in (ref, tri):
+        moe(x).y.square().sum().backward()
+    torch.testing.assert_close(tri(x).y, ref(x).y, rtol=1e-5, atol=1e-5)
+    for (name, p_ref), p_tri in zip(ref.named_parameters(), tri.parameters(), strict=True):
+        torch.testing.assert_close(p_tri.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)

@@ -1,4 +1,5 @@
-"""Triton kernels for the experts: a grouped GEMM over expert-sorted tokens.
+"""Triton kernels for the experts: a grouped GEMM over expert-sorted tokens, and a fused
+gate-and-up variant for SwiGLU experts.
 
 With no CUDA device the kernels run in Triton's interpreter, which must be switched on
 (TRITON_INTERPRET=1) before triton is first imported: triton.language's own helpers (tl.zeros
@@ -19,14 +20,24 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 from moe_lab.backends import grouped_mm_loop as grouped_gemm_reference  # noqa: E402
 
-from .grouped import GroupedGemm, grouped_gemm, interpreter_active  # noqa: E402
+from .grouped import (  # noqa: E402
+    GroupedGemm,
+    GroupedGemmGateUp,
+    grouped_gemm,
+    grouped_gemm_gate_up,
+    interpreter_active,
+    kernel_tile_schedule,
+)
 from .tile_configs import Tiles, tiles_for  # noqa: E402
 
 __all__ = [
     "GroupedGemm",
+    "GroupedGemmGateUp",
     "Tiles",
     "grouped_gemm",
+    "grouped_gemm_gate_up",
     "grouped_gemm_reference",
     "interpreter_active",
+    "kernel_tile_schedule",
     "tiles_for",
 ]

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 CONFIG_PATH = Path(__file__).with_name("tile_configs.json")
-KINDS = ("forward", "dw")
+KINDS = ("forward", "dw", "gate_up")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Tiles:
-    """One launch configuration. For the dW kernel, block_m is the rows summed per step."""
+    """One launch configuration. For the dW kernel, block_m is the rows summed per step; for
+    the gate-and-up kernel, block_n is the width of each of its two output tiles."""
 
     block_m: int
     block_n: int
@@ -46,6 +47,7 @@ def _table() -> dict:
     return json.loads(CONFIG_PATH.read_text())
 
 
+@cache
 def device_key(device: torch.device, interpreted: bool) -> str:
     """The key a device's tiles are stored under: 'interpreter', or the CUDA device name."""
     if interpreted or device.type != "cuda":
@@ -53,10 +55,12 @@ def device_key(device: torch.device, interpreted: bool) -> str:
     return torch.cuda.get_device_name(device)
 
 
+@cache
 def tiles_for(kind: str, device: torch.device, interpreted: bool) -> Tiles:
-    """The tiles for `kind` ('forward' or 'dw') on `device`; unknown GPUs get 'default'."""
+    """The tiles for `kind` (one of KINDS) on `device`; an unknown GPU, or a device entry
+    without that kind, gets 'default'. Looked up once per (kind, device)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     table = _table()
     entry = table.get(device_key(device, interpreted), table["default"])
-    return Tiles(**entry[kind])
+    return Tiles(**entry.get(kind, table["default"][kind]))

@@ -781,3 +781,115 @@ def test_feasible_plans_are_the_valid_layouts_that_fit():
         feasible_plans(model, 2048, pp=(0,))
     with pytest.raises(TypeError, match="model"):
         feasible_plans("DeepSeek-V3", 2048)
+
+
+# ---------------------------------------------------------------- names checked at construction
+
+from moe_lab.scaling import Claim, Interconnect, LayoutError, Precision  # noqa: E402
+from moe_lab.scaling.budget import GPU  # noqa: E402
+
+V3 = dict(model=CATALOG["DeepSeek-V3"], n_gpus=2048, pp=16, ep=64, max_nodes=4)
+
+
+def test_plan_takes_catalog_names_and_refuses_unknown_ones_at_once():
+    by_name = ClusterPlan(**V3, gpu="H800", precision="BF16 weights, FP32 grads, FP32 Adam",
+                          net="H800 (DeepEP measured)")
+    assert by_name.gpu is GPUS["H800"] and by_name.net is INTERCONNECTS["H800 (DeepEP measured)"]
+    assert by_name.precision is PRECISIONS["BF16 weights, FP32 grads, FP32 Adam"]
+    bad = [
+        (dict(gpu="H100"), ValueError, r"gpu 'H100' is not in GPUS; known: 'H100-SXM', 'H800'"),
+        (dict(precision="bf16"), ValueError,
+         r"precision 'bf16' is not in PRECISIONS; known: 'BF16 weights\+grads, FP32 Adam'"),
+        (dict(net="InfiniBand"), ValueError, r"net 'InfiniBand' is not in INTERCONNECTS"),
+        (dict(gpu=80), TypeError, "gpu must be a GPU or the name of one in GPUS, got int"),
+        (dict(precision=None), TypeError, "precision must be a Precision or the name of one"),
+        (dict(net=50.0), TypeError, "net must be an? Interconnect or the name of one"),
+        (dict(recompute=True), TypeError, "recompute must be a str"),
+        (dict(compute_dtype=8), TypeError, "compute_dtype must be a str"),
+        (dict(include_mtp="yes"), TypeError, "include_mtp must be a bool"),
+        (dict(compute_efficiency="0.5"), TypeError, "compute_efficiency must be a number"),
+        (dict(compute_efficiency=1.5), ValueError, r"compute_efficiency must be in \(0, 1\]"),
+    ]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            ClusterPlan(**V3, **kw)
+
+
+def test_plan_interconnect_follows_its_gpu_and_is_stated():
+    h800, h100 = ClusterPlan(**V3), ClusterPlan(**V3, gpu="H100-SXM")
+    assert h800.net is INTERCONNECTS["H800 (peak)"]  # the default plan is unchanged
+    assert h100.gpu is GPUS["H100-SXM"] and h100.net is INTERCONNECTS["H100 SXM (peak)"]
+    assert h100.net.nvlink_GBps > h800.net.nvlink_GBps
+    for plan in (h800, h100):
+        assert plan.gpu.interconnect == plan.net.name and plan.net.gpu == plan.gpu.name
+        assert f"gpu='{plan.gpu.name}', net='{plan.net.name}'" in repr(plan)
+        assert f"interconnect '{plan.net.name}': NVLink {plan.net.nvlink_GBps:g} GB/s" in (
+            plan.summary())
+    # NVLink is not the all-to-all's bottleneck for DeepSeek-V3's layout: same all-to-all time.
+    assert moe_layer_times(h100)[0] == pytest.approx(moe_layer_times(h800)[0])
+    # An H800 network under H100 GPUs (e.g. replace() of an H800 plan) is refused, not kept.
+    with pytest.raises(ValueError, match=r"net 'H800 \(peak\)' is the interconnect of H800 "
+                                         r"GPUs, not of gpu 'H100-SXM'.*'H100 SXM \(peak\)'"):
+        replace(h800, gpu="H100-SXM")
+    with pytest.raises(ValueError, match="is the interconnect of H800 GPUs"):
+        ClusterPlan(**{**h800.__dict__, "gpu": GPUS["H100-SXM"]})
+    # A network tied to no GPU goes with any; a GPU without a default needs one.
+    ib = Interconnect(name="my IB", nvlink_GBps=450.0, rdma_GBps=25.0)
+    assert ClusterPlan(**V3, gpu="H100-SXM", net=ib).net is ib
+    b = GPU(name="B-test", bf16_dense_tflops=2000.0, memory_gib=180, source="test")
+    with pytest.raises(ValueError, match="gpu 'B-test' names no interconnect of its own"):
+        ClusterPlan(**V3, gpu=b)
+    assert "on 2048 B-test GPUs" in ClusterPlan(**V3, gpu=b, net=ib).summary()
+
+
+def test_catalog_entries_validate_their_fields():
+    with pytest.raises(ValueError, match="GPU.interconnect 'NVL72' is not in INTERCONNECTS"):
+        GPU(name="x", bf16_dense_tflops=1.0, memory_gib=1, source="", interconnect="NVL72")
+    with pytest.raises(TypeError, match="GPU.memory_gib must be a number"):
+        GPU(name="x", bf16_dense_tflops=1.0, memory_gib="80", source="")
+    with pytest.raises(ValueError, match="GPU.bf16_dense_tflops must be > 0"):
+        GPU(name="x", bf16_dense_tflops=float("nan"), memory_gib=80, source="")
+    with pytest.raises(TypeError, match="Interconnect.rdma_GBps must be a number"):
+        Interconnect(name="x", nvlink_GBps=1.0, rdma_GBps=None)
+    with pytest.raises(TypeError, match="Interconnect.gpu must be a GPU name"):
+        Interconnect(name="x", nvlink_GBps=1.0, rdma_GBps=1.0, gpu=GPUS["H800"])
+    with pytest.raises(TypeError, match="Precision.grad_bytes must be a number"):
+        Precision(grad_bytes="4")
+    with pytest.raises(TypeError, match="GQA.qk_norm must be a bool"):
+        GQA(n_heads=8, n_kv_heads=8, head_dim=8, qk_norm="yes")
+    with pytest.raises(TypeError, match="Architecture.tied_embeddings must be a bool"):
+        replace(DENSE, tied_embeddings=1)
+    with pytest.raises(ValueError, match="Claim.model 'GPT-5' is not in CATALOG; known: 'Mix"):
+        Claim(model="GPT-5", total=1e12, cite=("x",))
+    with pytest.raises(ValueError, match="active_embeddings"):
+        Claim(model="DBRX", total=1e12, cite=("x",), active_embeddings="input")
+    # all-to-all times take an interconnect's name too, and refuse unknown ones
+    kw = dict(tokens=4096, d_model=7168, top_k=8, n_experts=256, ep=64)
+    assert moe_layer_comm_time(**kw, net="H800 (peak)") == moe_layer_comm_time(**kw, net=NET)
+    with pytest.raises(ValueError, match="net 'H800' is not in INTERCONNECTS"):
+        moe_layer_comm_time(**kw, net="H800")
+
+
+def test_precision_is_named_by_its_numbers():
+    assert Precision() == PRECISIONS["BF16 weights+grads, FP32 Adam"]
+    assert Precision(grad_bytes=4.0).name == "BF16 weights, FP32 grads, FP32 Adam"
+    custom = Precision(param_bytes=1.0, optimizer_bytes=4.0)
+    assert custom.name.startswith("custom: 1 B weights, 2 B grads, 4 B optimizer state")
+    assert Precision(name="mine", param_bytes=1.0).name == "mine"
+    assert ClusterPlan(**V3, precision=custom).precision.name == custom.name
+
+
+def test_feasible_plans_raise_errors_that_are_not_layouts():
+    """Only layouts that do not fit are skipped: a bad name or GPU count is an error, not an
+    empty answer."""
+    model = CATALOG["DeepSeek-V3"]
+    with pytest.raises(ValueError, match="precision 'fp8' is not in PRECISIONS"):
+        feasible_plans(model, 2048, pp=(16,), ep=(64,), precision="fp8")
+    with pytest.raises(ValueError, match="n_gpus .*whole nodes"):
+        feasible_plans(model, 2044, pp=(4,), ep=(4,))
+    with pytest.raises(LayoutError, match=r"ep \(3\) must divide"):
+        ClusterPlan(model=model, n_gpus=48, ep=3)
+    found = feasible_plans(model, 2048, pp=(16,), ep=(3, 64), recompute="full",
+                           precision="DeepSeek-V3 (FP32 master+grads, BF16 moments)",
+                           gpu="H100-SXM")
+    assert [r.plan.ep for r in found] == [64] and found[0].plan.net.name == "H100 SXM (peak)"

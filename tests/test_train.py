@@ -1,6 +1,7 @@
 """The trainer: seeded reproducibility, exact resume, clear checkpoint errors, schedule, CLI."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -208,3 +209,128 @@ def test_make_optimizer_groups_every_parameter_once():
     assert any(n.endswith("router.noise.weight") for n in decay)
     assert all(p.dim() >= 2 for n, p in model.named_parameters() if n in decay)
     assert all(p.dim() < 2 for n, p in model.named_parameters() if n in by_group[(0.0, 1.0)])
+
+
+# ---------------------------------------------------------------- the command line, as a user
+# meets it: every bad argument is an argparse error (status 2, one "error:" line, no traceback)
+# before any training; a run's folder is never overwritten by accident; --resume extends a run.
+
+TINY = ["--config", "short", "--steps", "2", "--threads", "1"]  # one evaluation, ~1 s
+
+
+def cli_error(argv, capsys) -> str:
+    """Run the command line, expecting an argparse error; returns its error line."""
+    capsys.readouterr()  # drop what earlier runs printed (progress bars)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    usage, line = err.strip().splitlines()
+    assert usage.startswith("usage: python -m moe_lab.train ")
+    assert line.startswith("python -m moe_lab.train: error: ")
+    return line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--steps", "-5"], "argument --steps: must be an integer >= 1, got -5"),
+    (["--steps", "ten"], "argument --steps: expected an integer, got 'ten'"),
+    (["--threads", "-1"], "argument --threads: must be an integer >= 1, got -1"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    (["--config", "medium"], "argument --config: invalid choice: 'medium'"),
+    (["--variant", "huge"], "argument --variant: invalid choice: 'huge'"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["--resume"], "--resume: no checkpoint to resume from"),
+])
+def test_cli_refuses_bad_arguments(args, message, tmp_path, capsys):
+    assert message in cli_error([*args, "--out", str(tmp_path / "run")], capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_cli_refuses_a_file_as_out(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    assert f"--out {f} is a file; it must name a folder" in cli_error(["--out", str(f)], capsys)
+    assert "must name a folder" in cli_error(["--out", ""], capsys)
+    assert f.read_text() == "mine"
+
+
+def test_cli_error_from_a_shell_is_two_lines_and_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "moe_lab.train", "--steps", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: python -m moe_lab.train")
+    assert lines[1] == ("python -m moe_lab.train: error: "
+                        "argument --steps: must be an integer >= 1, got 0")
+
+
+def test_cli_never_overwrites_a_run_by_accident(tmp_path, capsys):
+    out = tmp_path / "run"
+    main([*TINY, "--variant", "dense", "--out", str(out)])
+    before = {n: (out / n).read_bytes() for n in ("log.json", "ckpt.pt")}
+    # a second run into the same folder, even of another variant, is refused ...
+    line = cli_error([*TINY, "--variant", "moe8", "--out", str(out)], capsys)
+    assert "already holds a run (log.json and ckpt.pt)" in line
+    assert "--resume" in line and "--overwrite" in line
+    # ... and so is resuming it as another variant
+    line = cli_error([*TINY, "--variant", "moe8", "--resume", "--out", str(out)], capsys)
+    assert "holds a run of --config short --variant dense --seed 0" in line
+    assert "asks for --config short --variant moe8 --seed 0" in line
+    line = cli_error([*TINY, "--seed", "3", "--resume", "--out", str(out)], capsys)
+    assert "--variant dense --seed 0; this command asks for" in line
+    assert {n: (out / n).read_bytes() for n in before} == before  # untouched
+    # --overwrite replaces it
+    log = main([*TINY, "--variant", "moe8", "--overwrite", "--out", str(out)])
+    saved = json.loads((out / "log.json").read_text())
+    assert saved["variant"] == log["variant"] == "moe8" and saved["config"]["model"]["moe"]
+    assert "--overwrite" in saved["command"]
+
+
+def test_cli_resume_extends_a_finished_run(tmp_path, capsys):
+    from moe_lab.train import config_from_argv
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    main([*TINY, "--out", str(out)])
+    # resuming needs the run's own step count, or an explicit longer one
+    line = cli_error(["--config", "short", "--resume", "--out", str(out)], capsys)
+    assert "is set for 2 steps, the preset for 200; pass --steps 2" in line
+    line = cli_error([*TINY[:2], "--steps", "1", "--resume", "--out", str(out)], capsys)
+    assert "has trained 2 steps already; to extend it, pass --steps > 2" in line
+    argv = ["--config", "short", "--steps", "4", "--threads", "1", "--resume", "--out", str(out)]
+    log = main(argv)
+    assert [e["step"] for e in log["evals"]] == [2, 4]
+    (r,) = log["resumed"]
+    assert (r["step"], r["old_steps"], r["new_steps"]) == (2, 2, 4)
+    assert log["config"]["steps"] == 4 and log["command"].endswith("--resume --out " + str(out))
+    cfg, _ = config_from_argv(shlex.split(log["command"])[3:])
+    assert cfg.to_dict() == log["config"]  # the recorded command rebuilds the recorded config
+    # Inside the warm-up the schedule does not depend on the total, so the extended run is the
+    # 4-step run exactly; a plain run records no resume.
+    assert r["old_lr"] == r["new_lr"]
+    ref = main(["--config", "short", "--steps", "4", "--threads", "1", "--out", str(straight)])
+    assert "resumed" not in ref
+    assert log["evals"][-1]["val_loss"] == ref["evals"][-1]["val_loss"]
+    assert log["val_window_losses"] == ref["val_window_losses"]
+
+
+def test_resume_with_more_steps_records_the_schedule_change(corpus, tmp_path):
+    short, longer = tiny_cfg(steps=4), tiny_cfg(steps=8)
+    train(short, out=tmp_path, corpus=corpus, progress=False)
+    _, again = train(short, out=tmp_path, resume=True, corpus=corpus, progress=False)
+    assert "resumed" not in again  # a finished run resumed as it was: nothing changes
+    _, log = train(longer, out=tmp_path, resume=True, corpus=corpus, progress=False)
+    assert log["resumed"] == [{"step": 4, "old_steps": 4, "new_steps": 8,
+                               "old_lr": lr_at(short, 4), "new_lr": lr_at(longer, 4)}]
+    assert lr_at(longer, 4) > lr_at(short, 4) == pytest.approx(short.lr * short.min_lr_frac)
+    assert [e["step"] for e in log["evals"]] == [2, 4, 6, 8]
+    assert log["config"] == longer.to_dict() and len(log["val_window_losses"]) == 8
+    with pytest.raises(ValueError, match="has trained 8 steps already.*got 6"):
+        train(tiny_cfg(steps=6), out=tmp_path, resume=True, corpus=corpus, progress=False)

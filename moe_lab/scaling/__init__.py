@@ -33,12 +33,13 @@ from .laws import (
     moe_loss,
 )
 from .memory import fits, memory_per_gpu, moe_layer_times, stage_memory
-from .plan import PRECISIONS, ClusterPlan, Precision
+from .plan import PRECISIONS, ClusterPlan, LayoutError, Precision
 from .search import PlanReport, feasible_plans
 
 __all__ = [
     "CATALOG", "CLAIMS", "COMPONENTS", "GPUS", "GQA", "INTERCONNECTS", "KRAJEWSKI2024", "MHA",
-    "MLA", "PRECISIONS", "Architecture", "Claim", "ClusterPlan", "Interconnect", "PlanReport",
+    "MLA", "PRECISIONS", "Architecture", "Claim", "ClusterPlan", "Interconnect", "LayoutError",
+    "PlanReport",
     "Precision", "cheapest_dense", "cluster_flops", "count_params", "decode_flops_per_token",
     "deepep_fit", "dense_loss", "dense_params_for_loss", "dispatch_traffic",
     "expert_popularity", "feasible_plans", "fit_latency_bandwidth", "fits",

@@ -21,6 +21,15 @@ def _check_int(owner: str, name: str, value, *, minimum: int = 1) -> None:
     check_int(f"{owner}.{name}", value, minimum)
 
 
+def _check_bools(obj, *names: str, none_ok: tuple[str, ...] = ()) -> None:
+    """Raise TypeError naming the field unless each of `names` holds a bool (or allowed None)."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, bool) and not (v is None and name in none_ok):
+            raise TypeError(f"{type(obj).__name__}.{name} must be a bool"
+                            f"{' or None' if name in none_ok else ''}, got {v!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GQA:
     """Multi-head (n_kv_heads == n_heads), grouped-query or multi-query attention."""
@@ -35,6 +44,7 @@ class GQA:
     def __post_init__(self):
         for name in ("n_heads", "n_kv_heads", "head_dim"):
             _check_int("GQA", name, getattr(self, name))
+        _check_bools(self, "bias", "qk_norm", "sinks")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"GQA.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
@@ -169,8 +179,12 @@ class Architecture:
     mtp_modules: int = 0  # DeepSeek-V3 multi-token-prediction modules (one MoE block each)
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"Architecture.name must be a str, got {type(self.name).__name__}")
         for name in ("n_layers", "d_model", "vocab_size", "moe_every"):
             _check_int("Architecture", name, getattr(self, name))
+        _check_bools(self, "expert_glu", "dense_glu", "ffn_bias", "router_bias",
+                     "tied_embeddings", none_ok=("dense_glu",))
         for name in ("n_routed_experts", "top_k", "d_ff_expert", "n_shared_experts",
                      "first_dense_layers", "d_ff_dense", "n_cross_attn_layers", "mtp_modules"):
             _check_int("Architecture", name, getattr(self, name), minimum=0)

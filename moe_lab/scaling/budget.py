@@ -8,22 +8,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._checks import number
+from .comm import INTERCONNECTS
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPU:
-    """An accelerator's dense (no sparsity) peaks and memory, with where the numbers come from."""
+    """An accelerator's dense (no sparsity) peaks and memory, with where the numbers come from,
+    and the name of the interconnect its nodes usually have (a key of `INTERCONNECTS`): the one
+    a `ClusterPlan` on this GPU assumes unless it is given another."""
 
     name: str
     bf16_dense_tflops: float
     memory_gib: float
     source: str
     fp8_dense_tflops: float | None = None  # None: no FP8 Tensor Cores
+    interconnect: str | None = None  # None: a ClusterPlan on this GPU must be given its net
 
     def __post_init__(self):
-        if self.bf16_dense_tflops <= 0 or self.memory_gib <= 0:
-            raise ValueError("GPU.bf16_dense_tflops and GPU.memory_gib must be positive")
-        if self.fp8_dense_tflops is not None and not self.fp8_dense_tflops > 0:
-            raise ValueError("GPU.fp8_dense_tflops must be positive or None")
+        for n in ("name", "source"):
+            if not isinstance(getattr(self, n), str):
+                raise TypeError(f"GPU.{n} must be a str, got {type(getattr(self, n)).__name__}")
+        number("GPU.bf16_dense_tflops", self.bf16_dense_tflops)
+        number("GPU.memory_gib", self.memory_gib)
+        if self.fp8_dense_tflops is not None:
+            number("GPU.fp8_dense_tflops", self.fp8_dense_tflops)
+        if self.interconnect is not None:
+            if not isinstance(self.interconnect, str):
+                raise TypeError("GPU.interconnect must be the name of an entry of INTERCONNECTS"
+                                f" or None, got {type(self.interconnect).__name__}")
+            if self.interconnect not in INTERCONNECTS:
+                raise ValueError(f"GPU.interconnect {self.interconnect!r} is not in "
+                                 f"INTERCONNECTS; known: {', '.join(map(repr, INTERCONNECTS))}")
 
     @property
     def peak_flops(self) -> float:
@@ -44,10 +60,11 @@ class GPU:
 GPUS: dict[str, GPU] = {
     # FP8 runs at twice the 16-bit Tensor Core rate per SM on Hopper (nvidia2022hopper, 2.1).
     "H100-SXM": GPU(name="H100-SXM", bf16_dense_tflops=989.4, fp8_dense_tflops=1978.9,
-                    memory_gib=80,
+                    memory_gib=80, interconnect="H100 SXM (peak)",
                     source="nvidia2022hopper: H100 SXM5, BF16 and FP8 Tensor Core, dense"),
     # The H800 is the export variant of the H100 SXM: same Tensor Cores, NVLink cut to 400 GB/s.
     "H800": GPU(name="H800", bf16_dense_tflops=989.4, fp8_dense_tflops=1978.9, memory_gib=80,
+                interconnect="H800 (peak)",
                 source="assumed equal to the H100 SXM (nvidia2022hopper)"),
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arch import GQA, MHA, MLA, ActiveEmbeddings, Architecture
-from .count import COMPONENTS, count_params, param_breakdown
+from .count import COMPONENTS, _check_convention, count_params, param_breakdown
 
 
 def _mla(n_heads: int, q_lora_rank: int | None) -> MLA:
@@ -99,9 +99,12 @@ class Claim:
 
     def __post_init__(self):
         if self.model not in CATALOG:
-            raise ValueError(f"Claim.model {self.model!r} is not in CATALOG")
+            raise ValueError(f"Claim.model {self.model!r} is not in CATALOG; known: "
+                             + ", ".join(map(repr, CATALOG)))
         if self.component is not None and self.component not in COMPONENTS:
-            raise ValueError(f"Claim.component must be one of {COMPONENTS}")
+            raise ValueError(f"Claim.component must be one of {COMPONENTS}, "
+                             f"got {self.component!r}")
+        _check_convention(self.active_embeddings)
         if not self.cite:
             raise ValueError("Claim.cite must name at least one bibliography key")
 

@@ -29,6 +29,8 @@ from math import comb
 
 import numpy as np
 
+from ._checks import by_name, number
+
 # DeepEP V1 low-latency (pure RDMA) kernels on H800 with one CX7 400 Gb/s NIC per GPU
 # (deepep2025, docs/legacy.md): 128 tokens per GPU, hidden 7168, top-8 experts, FP8 dispatch
 # (plus one FP32 scale per 128 values), BF16 combine. {EP: (dispatch us, combine us)}.
@@ -86,7 +88,9 @@ H800_ALLTOALL_LATENCY_US = 14.6
 @dataclass(frozen=True, kw_only=True)
 class Interconnect:
     """Per-GPU, one-direction bandwidths (GB/s = 1e9 B/s), the fixed latency of one all-to-all
-    (alpha, microseconds), and where they come from."""
+    (alpha, microseconds), where they come from, and the GPU whose links they are (`gpu`, a
+    `GPU.name`; None: not tied to one GPU). A `ClusterPlan` refuses an interconnect of another
+    GPU than its own."""
 
     name: str
     nvlink_GBps: float
@@ -94,36 +98,50 @@ class Interconnect:
     gpus_per_node: int = 8
     latency_us: float = 0.0
     source: str = ""
+    gpu: str | None = None
 
     def __post_init__(self):
-        if not (self.nvlink_GBps > 0 and self.rdma_GBps > 0):
-            raise ValueError("Interconnect.nvlink_GBps and rdma_GBps must be positive")
-        if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1):
-            raise ValueError("Interconnect.gpus_per_node must be a positive int")
-        if self.latency_us < 0:
-            raise ValueError("Interconnect.latency_us must be >= 0")
+        for n in ("name", "source"):
+            if not isinstance(getattr(self, n), str):
+                raise TypeError(f"Interconnect.{n} must be a str, "
+                                f"got {type(getattr(self, n)).__name__}")
+        number("Interconnect.nvlink_GBps", self.nvlink_GBps)
+        number("Interconnect.rdma_GBps", self.rdma_GBps)
+        number("Interconnect.latency_us", self.latency_us, strict=False)
+        if not (isinstance(self.gpus_per_node, int) and not isinstance(self.gpus_per_node, bool)
+                and self.gpus_per_node >= 1):
+            raise ValueError("Interconnect.gpus_per_node must be a positive int, "
+                             f"got {self.gpus_per_node!r}")
+        if self.gpu is not None and not isinstance(self.gpu, str):
+            raise TypeError(f"Interconnect.gpu must be a GPU name or None, "
+                            f"got {type(self.gpu).__name__}")
 
 
 INTERCONNECTS: dict[str, Interconnect] = {
     "H800 (peak)": Interconnect(
         name="H800 (peak)", nvlink_GBps=160.0, rdma_GBps=50.0,
-        latency_us=H800_ALLTOALL_LATENCY_US,
+        latency_us=H800_ALLTOALL_LATENCY_US, gpu="H800",
         source="deepseekai2024v3 (NVLink 160 GB/s, InfiniBand 50 GB/s per GPU); alpha fitted "
                "to deepep2025's low-latency timings"),
     "H800 (DeepEP measured)": Interconnect(
         name="H800 (DeepEP measured)", nvlink_GBps=153.0, rdma_GBps=43.0,
-        latency_us=H800_ALLTOALL_LATENCY_US,
+        latency_us=H800_ALLTOALL_LATENCY_US, gpu="H800",
         source="deepep2025 (V1 normal kernels: EP8 dispatch 153 GB/s NVLink, "
                "EP16 dispatch 43 GB/s RDMA; alpha fitted to its low-latency timings)"),
     # NVLink 4: 18 links x 25 GB/s in each direction = 450 GB/s per direction, the
     # "900 GB/s total" of the spec sheet counting both directions (nvidia2022hopper).
     "H100 SXM (peak)": Interconnect(
         name="H100 SXM (peak)", nvlink_GBps=450.0, rdma_GBps=50.0,
-        latency_us=H800_ALLTOALL_LATENCY_US,
+        latency_us=H800_ALLTOALL_LATENCY_US, gpu="H100-SXM",
         source="nvidia2022hopper (18 NVLink links x 25 GB/s per direction = 450 GB/s; "
                "900 GB/s counts both directions); one 400 Gb/s NIC per GPU and alpha as "
                "on the H800 (deepep2025)"),
 }
+
+
+def as_interconnect(net, arg: str = "net") -> Interconnect:
+    """`net` itself, or the entry of `INTERCONNECTS` it names (ValueError listing the names)."""
+    return by_name(arg, net, INTERCONNECTS, Interconnect, "INTERCONNECTS")
 
 
 def expected_distinct_groups(n_groups: int, per_group: int, k: int) -> float:
@@ -145,16 +163,18 @@ class Traffic:
     intra_copies: float  # NVLink copies per token
     inter_copies: float  # network copies per token
 
-    def time_s(self, net: Interconnect) -> float:
+    def time_s(self, net: Interconnect | str) -> float:
         """alpha + the slower link's bytes / bandwidth (alpha = net.latency_us); zero when
         nothing moves (EP = 1 issues no all-to-all)."""
+        net = as_interconnect(net)
         if self.intra_bytes == self.inter_bytes == 0:
             return 0.0
         t_intra = self.intra_bytes / (net.nvlink_GBps * 1e9)
         t_inter = self.inter_bytes / (net.rdma_GBps * 1e9)
         return net.latency_us * 1e-6 + max(t_intra, t_inter)
 
-    def bottleneck(self, net: Interconnect) -> str:
+    def bottleneck(self, net: Interconnect | str) -> str:
+        net = as_interconnect(net)
         t_intra = self.intra_bytes / net.nvlink_GBps
         t_inter = self.inter_bytes / net.rdma_GBps
         if t_intra == t_inter == 0:
@@ -207,13 +227,15 @@ def dispatch_traffic(
 
 
 def moe_layer_comm_time(
-    *, tokens: int, d_model: int, top_k: int, n_experts: int, ep: int, net: Interconnect,
+    *, tokens: int, d_model: int, top_k: int, n_experts: int, ep: int, net: Interconnect | str,
     dispatch_bytes: float = 1.0, combine_bytes: float = 2.0, max_nodes: int | None = None,
     dedup: bool = True, training: bool = True,
 ) -> float:
     """Seconds of all-to-all per MoE layer per micro-batch: dispatch + combine, forward only
     or forward and backward (the backward of a dispatch is a combine and vice versa).
-    Defaults follow DeepSeek-V3: FP8 dispatch (1 byte), BF16 combine (2 bytes)."""
+    Defaults follow DeepSeek-V3: FP8 dispatch (1 byte), BF16 combine (2 bytes). `net` is an
+    Interconnect or the name of one in INTERCONNECTS."""
+    net = as_interconnect(net)
     kw = dict(tokens=tokens, d_model=d_model, top_k=top_k, n_experts=n_experts, ep=ep,
               gpus_per_node=net.gpus_per_node, max_nodes=max_nodes, dedup=dedup)
     fwd = (dispatch_traffic(bytes_per_elem=dispatch_bytes, **kw).time_s(net)

@@ -1,8 +1,10 @@
 """Search the parallel layouts of a model on a given number of GPUs for the ones that fit.
 
 `feasible_plans` tries every combination of the TP, PP and EP degrees it is given, keeps the
-valid `ClusterPlan`s (invalid ones raise in ClusterPlan and are skipped) whose most loaded
-stage fits in GPU memory with `headroom` to spare, and orders them by memory per GPU. The
+valid `ClusterPlan`s (layouts that do not fit the model or the nodes raise `LayoutError` in
+ClusterPlan and are skipped; any other error, such as an unknown precision name, is raised)
+whose most loaded stage fits in GPU memory with `headroom` to spare, and orders them by memory
+per GPU. The
 headroom stands for what the memory model does not count: communication buffers, the CUDA
 context, allocator fragmentation.
 """
@@ -14,7 +16,7 @@ from itertools import product
 
 from .arch import Architecture
 from .memory import GiB, StageMemory, memory_per_gpu, moe_layer_times
-from .plan import ClusterPlan
+from .plan import ClusterPlan, LayoutError
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def feasible_plans(
     **plan_kwargs,
 ) -> list[PlanReport]:
     """Every valid (tp, pp, ep) layout of `model` on `n_gpus` GPUs that fits, least memory
-    first. `plan_kwargs` go to ClusterPlan unchanged (precision, recompute, zero_stage, ...)."""
+    first. `plan_kwargs` go to ClusterPlan unchanged (precision, recompute, zero_stage, ...);
+    an error in them is raised, not taken for a layout that does not fit."""
     if not isinstance(model, Architecture):
         raise TypeError(f"model must be an Architecture, got {type(model).__name__}")
     if not 0 <= headroom < 1:
@@ -62,7 +65,7 @@ def feasible_plans(
     for t, p, e in grid:
         try:
             plan = ClusterPlan(model=model, n_gpus=n_gpus, tp=t, pp=p, ep=e, **plan_kwargs)
-        except ValueError:
+        except LayoutError:
             continue
         worst = memory_per_gpu(plan)
         if worst.total <= (1 - headroom) * plan.gpu.memory_gib * GiB:

@@ -4,7 +4,8 @@ A checkpoint holds the model, the optimizer, the step and the loop's running sta
 far, timers, load counters), so a resumed run continues exactly where it stopped. It is written
 to a temporary file and renamed, so a run killed mid-write leaves the previous checkpoint whole;
 it is read with ``weights_only=True``, so loading a file runs no pickled code; and it is refused,
-with every mismatch named, when its config or tensor shapes differ from the run resuming it.
+with every mismatch named, when its config or tensor shapes differ from the run resuming it
+(the total ``steps`` aside when the caller extends the run).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, state: 
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[int, dict]:
-    """Restore a checkpoint written by ``save_checkpoint``; clear errors name file and mismatch."""
+def _read(path: Path) -> dict:
+    """The checkpoint's contents, or a clear error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path}")
@@ -51,12 +52,36 @@ def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[int, dict
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a {CKPT_FORMAT} checkpoint")
-    want, got = _flat(cfg.to_dict()), _flat(blob["config"])
-    diff = [
+    return blob
+
+
+def config_differences(theirs: dict, ours: dict, *, ignore=()) -> list[str]:
+    """Each field where two ``TrainConfig.to_dict()``s differ, as "name: A in checkpoint, B now"
+    (nested fields by dotted name); fields named in ``ignore`` are not compared."""
+    want, got = _flat(ours), _flat(theirs)
+    return [
         f"{k}: {got.get(k)!r} in checkpoint, {want.get(k)!r} now"
         for k in sorted(set(want) | set(got))
-        if want.get(k) != got.get(k)
+        if k not in ignore and want.get(k) != got.get(k)
     ]
+
+
+def checkpoint_config(path: Path) -> tuple[dict, int]:
+    """(the config a checkpoint was written for, as a dict; the steps it has trained)."""
+    blob = _read(path)
+    return blob["config"], int(blob["step"])
+
+
+def load_checkpoint(
+    path: Path, model, opt, cfg: TrainConfig, *, ignore: tuple[str, ...] = ()
+) -> tuple[int, dict]:
+    """Restore a checkpoint written by ``save_checkpoint``; clear errors name file and mismatch.
+
+    The checkpoint's config must equal ``cfg`` except in the fields named in ``ignore`` (the
+    training loop passes ``("steps",)`` to extend a run)."""
+    path = Path(path)
+    blob = _read(path)
+    diff = config_differences(blob["config"], cfg.to_dict(), ignore=ignore)
     if diff:
         raise ValueError(f"{path} was written for a different config: " + "; ".join(diff))
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}

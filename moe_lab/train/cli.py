@@ -7,12 +7,19 @@ Each committed log in ``benchmarks/results`` records the exact command that wrot
 they mean stay as they are. ``make_config`` is the same choice made from Python: the chapters
 and benchmarks call it with the names the command line takes (presets and variants from
 ``moe_lab.lab.presets``).
+
+Every bad argument ends the program the argparse way, before any training: a usage line, one
+``error:`` line, exit status 2. A folder that already holds a run (``log.json`` or ``ckpt.pt``)
+is continued with ``--resume`` or replaced with ``--overwrite``, never overwritten silently;
+``--resume --steps N`` extends a run to N steps (the log's ``resumed`` list records the
+schedule's change).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,12 +28,15 @@ import torch
 from moe_lab.data import load_corpus
 from moe_lab.lab.presets import PRESETS, VARIANT_TRAIN, VARIANTS, variant_moe
 from moe_lab.model import ModelConfig
+from moe_lab.train.checkpoint import checkpoint_config, config_differences
 from moe_lab.train.config import TrainConfig
 from moe_lab.train.loop import routing_by_kind, train
 
+PROG = "python -m moe_lab.train"
 DESCRIPTION = (
     "Train the tiny language model: seeded, resumable, logged as JSON; dense or MoE variants."
 )
+RUN_FILES = ("log.json", "ckpt.pt")  # what makes a folder hold a run
 
 
 def make_config(preset: str, variant: str, *, seed: int = 0, **overrides) -> TrainConfig:
@@ -41,36 +51,134 @@ def make_config(preset: str, variant: str, *, seed: int = 0, **overrides) -> Tra
     return TrainConfig(model=model, **train_fields)
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moe_lab.train", description=DESCRIPTION)
-    p.add_argument("--config", choices=tuple(PRESETS), default="short")
-    p.add_argument("--variant", choices=VARIANTS, default="dense")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="override the preset's total steps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="folder for log.json and ckpt.pt")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION,
+        usage="%(prog)s --out OUT [--config PRESET] [--variant VARIANT] [--seed S] [--steps N]"
+              " [--threads T] [--resume | --overwrite]",
+    )
+    p.add_argument("--config", choices=tuple(PRESETS), default="short", metavar="PRESET",
+                   help="one of: " + ", ".join(PRESETS) + " (default: short)")
+    p.add_argument("--variant", choices=VARIANTS, default="dense", metavar="VARIANT",
+                   help="one of: " + ", ".join(VARIANTS) + " (default: dense)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                   help="integer >= 0 (default: 0)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
+                   help="override the preset's total steps; with --resume, extend the run")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
+                   help="torch CPU threads, >= 1 (omit for torch's default)")
+    p.add_argument("--out", type=_folder, required=True, help="folder for log.json and ckpt.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in OUT (its log.json and ckpt.pt)")
     return p
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    return make_config(args.config, args.variant, seed=args.seed, **overrides)
 
 
 def config_from_argv(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     """The TrainConfig a command line asks for (as recorded in a log's ``command``)."""
     args = parser().parse_args(argv)
-    overrides = {} if args.steps is None else {"steps": args.steps}
-    return make_config(args.config, args.variant, seed=args.seed, **overrides), args
+    return _config(args), args
+
+
+def _flags_for(config: dict) -> str | None:
+    """The ``--config P --variant V --seed S`` that give ``config`` (steps aside), if any."""
+    seed, steps = config.get("seed"), config.get("steps")
+    if not isinstance(seed, int) or not isinstance(steps, int) or seed < 0 or steps < 1:
+        return None
+    for preset in PRESETS:
+        for variant in VARIANTS:
+            cfg = make_config(preset, variant, seed=seed, steps=steps)
+            if not config_differences(config, cfg.to_dict()):
+                return f"--config {preset} --variant {variant} --seed {seed}"
+    return None
+
+
+def check_out(args: argparse.Namespace, cfg: TrainConfig) -> list[Path]:
+    """Refuse an OUT that this command must not use; returns the files --overwrite replaces.
+
+    Raises ValueError with the message the command line shows."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must name a folder")
+    existing = [out / n for n in RUN_FILES if (out / n).exists()]
+    if args.resume:
+        ckpt = out / "ckpt.pt"
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: no checkpoint to resume from ({ckpt} does not exist)")
+        theirs, done = checkpoint_config(ckpt)
+        diff = config_differences(theirs, cfg.to_dict(), ignore=("steps",))
+        if diff:
+            was, now = _flags_for(theirs), _flags_for(cfg.to_dict())
+            what = (f"a run of {was}; this command asks for {now}" if was and now else
+                    "a run of another config: " + "; ".join(diff[:4])
+                    + ("; ..." if len(diff) > 4 else ""))
+            raise ValueError(f"--resume: {ckpt} holds {what} (use the run's own flags to "
+                             "resume it, or --overwrite to replace it)")
+        if args.steps is None and theirs["steps"] != cfg.steps:
+            raise ValueError(
+                f"--resume: the run in {out} is set for {theirs['steps']} steps, the preset "
+                f"for {cfg.steps}; pass --steps {theirs['steps']} to continue it as it was, "
+                "or a larger --steps to extend it")
+        if cfg.steps != theirs["steps"] and cfg.steps <= done:
+            raise ValueError(f"--steps {cfg.steps}: the run in {out} has trained {done} steps "
+                             f"already; to extend it, pass --steps > {done}")
+        return []
+    if existing and not args.overwrite:
+        names = " and ".join(p.name for p in existing)
+        raise ValueError(f"--out {out} already holds a run ({names}); pass --resume to "
+                         "continue it or --overwrite to replace it")
+    if not args.overwrite:
+        return []
+    return existing + [p for p in (out / "ckpt.tmp",) if p.is_file()]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train as the command line asks; write OUT/log.json (with routing by text kind for MoE)."""
+    """Train as the command line asks; write OUT/log.json (with routing by text kind for MoE).
+
+    Bad arguments exit with status 2 and an argparse ``error:`` line, before any training."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, args = config_from_argv(argv)
-    if args.threads:
+    p = parser()
+    args = p.parse_args(argv)
+    cfg = _config(args)
+    try:
+        replaced = check_out(args, cfg)
+    except ValueError as e:
+        p.error(str(e))
+    for path in replaced:  # --overwrite: the old run goes before the new one starts
+        path.unlink()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(max_code_bytes=cfg.max_code_bytes)
     model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
     if cfg.model.moe is not None:
         log["routing_by_kind"] = routing_by_kind(model, corpus, cfg).tolist()
-    log["command"] = "python -m moe_lab.train " + " ".join(argv)
+    log["command"] = f"{PROG} {shlex.join(argv)}"
     log["variant"], log["preset"] = args.variant, args.config
     Path(args.out, "log.json").write_text(json.dumps(log, indent=1))
     return log

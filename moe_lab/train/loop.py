@@ -3,9 +3,14 @@
     model, log = train(make_config("short", "moe8"), out="runs/moe8_s0")
 
 Batches depend only on (seed, step) and the LR only on the step, so a run resumed from a
-checkpoint continues exactly where it stopped. Every variant of a config shares data, batches,
-optimizer, schedule and seed; only the model's FFN differs. Evaluation scores the fixed
-validation set window by window, so two runs can be compared on the same windows.
+checkpoint continues exactly where it stopped. A run resumed with more ``steps`` than it was
+started with is extended: its cosine schedule is stretched to the new end from the step it
+resumes at, and the log's ``resumed`` list records each resume that trains (step, old and new
+total steps, and the learning rate at that step under each schedule).
+
+Every variant of a config shares data, batches, optimizer, schedule and seed; only the model's
+FFN differs. Evaluation scores the fixed validation set window by window, so two runs can be
+compared on the same windows.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,6 +87,23 @@ def summarize_windows(losses_N: torch.Tensor, kind_N: torch.Tensor) -> dict:
     }
 
 
+def _record_resume(log: dict, cfg: TrainConfig, step: int, path: Path) -> None:
+    """Note a resume at ``step`` in ``log["resumed"]``; refuse a total below the steps done."""
+    old = replace(cfg, steps=log["config"]["steps"])
+    if cfg.steps != old.steps and cfg.steps <= step:
+        raise ValueError(f"{path} has trained {step} steps already: to extend the run, "
+                         f"steps must exceed {step}, got {cfg.steps}")
+    if step == cfg.steps == old.steps:
+        return  # a finished run, resumed as it was: nothing to train, nothing changes
+    log.setdefault("resumed", []).append({
+        "step": step, "old_steps": old.steps, "new_steps": cfg.steps,
+        "old_lr": lr_at(old, step), "new_lr": lr_at(cfg, step),
+    })
+    if cfg.steps != old.steps:
+        log["config"] = cfg.to_dict()
+        log.pop("val_window_losses", None)  # they belonged to the old last step
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -93,7 +116,10 @@ def train(
     """Train ``cfg.steps`` steps (or up to ``stop_at``); returns (model, log).
 
     With ``out``, writes ``out/log.json`` at every evaluation and ``out/ckpt.pt`` at the end
-    (and every ``ckpt_every`` steps); ``resume=True`` continues from ``out/ckpt.pt``.
+    (and every ``ckpt_every`` steps); ``resume=True`` continues from ``out/ckpt.pt``, whose
+    config must be ``cfg`` except perhaps ``steps``: a different ``cfg.steps`` (more than the
+    checkpoint has trained) changes the schedule from the resumed step on, recorded in
+    ``log["resumed"]``.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -126,8 +152,9 @@ def train(
     if resume:
         if out is None:
             raise ValueError("resume=True needs an output folder (out=...)")
-        step, state = load_checkpoint(out / "ckpt.pt", model, opt, cfg)
+        step, state = load_checkpoint(out / "ckpt.pt", model, opt, cfg, ignore=("steps",))
         log = state["log"]
+        _record_resume(log, cfg, step, out / "ckpt.pt")
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     moe_blocks = [b.ffn for b in model.blocks if hasattr(b.ffn, "update_bias")]
     model.train()

@@ -13,8 +13,9 @@ only in the matmul calls:
   ``AUTO_PAD_LIMIT`` times the real rows, else ``grouped_mm`` where it applies, else ``loop``.
 
 Host syncs: ``loop`` reads the counts (split sizes) and ``bmm`` the busiest count; ``grouped_mm``
-and ``triton`` take the counts as a device tensor (the Triton wrapper reads them to build its
-tile schedule).
+and ``triton`` take the counts as a device tensor (the Triton kernel works out its own tiles
+from them on the device). Under ``torch.compile`` those reads are the graph breaks; on CPU,
+``grouped_mm`` (which compiles for bfloat16 only) runs eagerly between graphs.
 """
 
 from __future__ import annotations
@@ -42,16 +43,36 @@ def grouped_mm_loop(
     return torch.cat(outs, dim=0)  # (N, M)
 
 
+def _grouped_mm_eager(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor):
+    out_NM = F.grouped_mm(x_NK, w_EKM, offs=offs_E)
+    if out_NM.requires_grad:
+        # its backward rejects a broadcast gradient (e.g. from out.sum()): hand it a dense one
+        out_NM.register_hook(lambda g: g.contiguous())
+    return out_NM
+
+
+_OUTSIDE_COMPILE: list = []  # the compiler-disabled wrapper, made on first use
+
+
+def _grouped_mm_outside_compile(x_NK, w_EKM, offs_E):
+    """torch.compile traces grouped_mm for bfloat16 only; on CPU (float32) it runs eagerly,
+    one graph break per call, instead of failing to trace. The wrapper is made on first use:
+    making it imports torch._dynamo (and with it triton), which ``import moe_lab`` must not."""
+    if not torch.compiler.is_compiling():
+        return _grouped_mm_eager(x_NK, w_EKM, offs_E)
+    if not _OUTSIDE_COMPILE:
+        _OUTSIDE_COMPILE.append(torch.compiler.disable(_grouped_mm_eager))
+    return _OUTSIDE_COMPILE[0](x_NK, w_EKM, offs_E)
+
+
 def grouped_mm_torch(
     x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor
 ) -> torch.Tensor:
     """PyTorch's own grouped matmul (``F.grouped_mm``): every expert's block in one call."""
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each expert's block
-    out_NM = F.grouped_mm(x_NK, w_EKM, offs=offs_E)
-    if out_NM.requires_grad:
-        # its backward rejects a broadcast gradient (e.g. from out.sum()): hand it a dense one
-        out_NM.register_hook(lambda g: g.contiguous())
-    return out_NM  # (N, M)
+    if x_NK.device.type == "cpu":
+        return _grouped_mm_outside_compile(x_NK, w_EKM, offs_E)  # (N, M)
+    return _grouped_mm_eager(x_NK, w_EKM, offs_E)  # (N, M)
 
 
 def torch_grouped_mm_applies(x_NK: torch.Tensor, *weights: torch.Tensor | None) -> bool:
@@ -106,12 +127,16 @@ class _UnpadRows(torch.autograd.Function):
 def run_bmm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Pad to the busiest expert's count and run ``experts.forward_batched`` (3 bmm calls)."""
     N = x_ND.shape[0]
+    E = counts_E.shape[0]
     C = int(counts_E.max())  # host sync: the slab's size
     slot_C = torch.arange(C, device=x_ND.device)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     valid_EC = slot_C < counts_E.unsqueeze(1)  # (E, C) slots holding a real row
     rows_EC = (starts_E.unsqueeze(1) + slot_C).clamp(max=N - 1)  # row each slot reads
-    pos_N = torch.nonzero(valid_EC.reshape(-1)).squeeze(1)  # slab slot of each row
+    # slab slot of each row: its expert's first slot plus its rank in the expert's block
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
+                                       output_size=N)
+    pos_N = expert_N * C + torch.arange(N, device=x_ND.device) - starts_E[expert_N]
     x_ECD = _PadRows.apply(x_ND, rows_EC, pos_N)
     return _UnpadRows.apply(experts.forward_batched(x_ECD), rows_EC, pos_N, valid_EC)
 
@@ -152,10 +177,21 @@ def run_grouped_mm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch
 
 
 def run_triton(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """The chapter-9 Triton grouped GEMM for each weight (imported only when used)."""
-    from moe_lab.kernels import grouped_gemm
+    """The chapter-9 Triton kernels (imported only when used): a SwiGLU expert's gate and up
+    projections in one launch that reads each tile of x once, then the down projection.
 
-    return _run_mm(grouped_gemm)(experts, x_ND, counts_E)
+    No host sync: the kernels read the counts on the device, and the counts come from the
+    dispatcher, right by construction, so the wrappers' value check (a read-back) is skipped.
+    """
+    from moe_lab.kernels import grouped_gemm, grouped_gemm_gate_up
+
+    if experts.w_gate is not None:
+        gate_NF, up_NF = grouped_gemm_gate_up(x_ND, experts.w_gate, experts.w_up, counts_E,
+                                              check_counts=False)
+    else:
+        gate_NF, up_NF = None, grouped_gemm(x_ND, experts.w_up, counts_E, check_counts=False)
+    h_NF = experts.act(gate_NF, up_NF)
+    return grouped_gemm(h_NF, experts.w_down, counts_E, check_counts=False)  # (N, D)
 
 
 RUNNERS = {"loop": run_loop, "bmm": run_bmm, "grouped_mm": run_grouped_mm, "triton": run_triton}

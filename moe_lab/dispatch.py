@@ -25,7 +25,7 @@ import torch
 
 from moe_lab.experts import Experts
 from moe_lab.router import RoutingDecision
-from moe_lab.routing import expert_positions
+from moe_lab.routing import expert_counts, expert_positions
 
 DISPATCHERS = ("loop", "einsum", "sort")
 
@@ -82,13 +82,19 @@ def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, cap
     else:  # slots among the kept assignments only (unkept ones queue in a bin of their own)
         pos_Tk = expert_positions(indices_Tk.masked_fill(~keep_Tk, E), E + 1)
     if capacity is None:  # host sync: the busiest expert's load sizes the slab
-        capacity = int(torch.bincount(indices_Tk.reshape(-1), minlength=E).max()) if T else 0
+        capacity = int(expert_counts(indices_Tk, E).max())
     C = capacity
-    tok = torch.arange(T, device=x_TD.device).unsqueeze(1).expand(T, k)[keep_Tk]  # (n,)
-    e_idx, c_idx = indices_Tk[keep_Tk], pos_Tk[keep_Tk]  # (n,), (n,)
-    w = weights_Tk[keep_Tk]  # (n,)
-    dispatch_TEC = x_TD.new_zeros(T, E, C).index_put((tok, e_idx, c_idx), torch.ones_like(w))
-    combine_TEC = x_TD.new_zeros(T, E, C).index_put((tok, e_idx, c_idx), w)
+    # Every (token, slot) writes its one-hot entry; an unkept one writes 0 to a clamped slot
+    # (a token names each expert at most once, so it cannot land on a kept entry). Static
+    # shapes: no boolean indexing.
+    tok_N = torch.arange(T, device=x_TD.device).repeat_interleave(k)  # (T*k,)
+    e_N, c_N = indices_Tk.reshape(-1), pos_Tk.reshape(-1).clamp(max=C - 1)
+    keep_N = keep_Tk.reshape(-1).to(x_TD.dtype)
+    where = (tok_N, e_N, c_N)
+    dispatch_TEC = x_TD.new_zeros(T, E, C).index_put(where, keep_N, accumulate=True)
+    combine_TEC = x_TD.new_zeros(T, E, C).index_put(
+        where, weights_Tk.reshape(-1) * keep_N, accumulate=True
+    )
     x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
     if experts.backend in ("auto", "bmm"):  # the slab is already padded: batched matmuls
         if experts.backend == "auto":
@@ -111,7 +117,7 @@ def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts:
     if keep_Tk is not None:
         flat_e = flat_e.masked_fill(~keep_Tk.reshape(-1), num_experts)  # dropped sort last
     order = torch.argsort(flat_e, stable=True)
-    counts_E = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts]
+    counts_E = expert_counts(flat_e, num_experts)  # dropped ones sit in bin E, not counted
     if keep_Tk is not None:
         order = order[: int(counts_E.sum())]
     return order, order // k, counts_E

@@ -61,7 +61,7 @@ class MoE(nn.Module):
     Host syncs per forward, and why: none for routing and statistics (returned as tensors);
     the dispatcher's (dropless einsum sizes its slab by the busiest expert; sort with capacity
     trims its order to the kept rows) and the backend's (``moe_lab.backends``: split sizes for
-    "loop", the busiest count for "bmm", the tile schedule for "triton"); in
+    "loop", the busiest count for "bmm"; none for "grouped_mm" and "triton"); in
     ``moe_lab.parallel``, the all-to-all's split sizes.
     """
 
@@ -96,10 +96,10 @@ class MoE(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"x must contain at least one token, got shape {tuple(x.shape)}")
-        if x.dtype != self.router.weight.dtype:
+        if x.dtype != self.router.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x has dtype {x.dtype} but the layer's parameters are {self.router.weight.dtype}; "
-                "convert one to match (e.g. moe.to(x.dtype))"
+                "convert one to match (e.g. moe.to(x.dtype)), or run under torch.autocast"
             )
 
     def route(self, x_TD: torch.Tensor) -> RoutingDecision:
@@ -110,14 +110,22 @@ class MoE(nn.Module):
         return routing
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
+        """Route x (..., d_model), run the experts, combine: an ``MoEOutput`` with y like x.
+
+        Under ``torch.autocast`` routing stays in the router's precision, the experts run in
+        the autocast dtype, and y comes back in that dtype for every dispatcher, backend and
+        capacity setting, as a ``Linear`` would return it.
+        """
         self._check_input(x)
         x_TD = x.reshape(-1, self.cfg.d_model)
         r = self.route(x_TD)
+        if torch.is_autocast_enabled(x.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         y_TD = self.dispatcher(x_TD, r, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return MoEOutput(
-            y=y_TD.view(x.shape),
+            y=y_TD.view(x.shape),  # x's shape; under autocast, the autocast dtype
             aux_loss=r.aux_loss,
             z_loss=r.z_loss,
             tokens_per_expert=r.tokens_per_expert,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_lab.config import check_positive_int
-from moe_lab.routing import _check_indices
+from moe_lab.routing import _check_indices, expert_counts
 
 
 def load_balancing_loss(
@@ -32,10 +32,13 @@ def load_balancing_loss(
         )
     if probs.shape[0] == 0:
         raise ValueError("probs must contain at least one token")
-    counts_E = torch.bincount(indices.reshape(-1), minlength=num_experts)
-    f_E = counts_E.to(probs.dtype) / indices.numel()
-    P_E = probs.mean(dim=0)
-    return num_experts * torch.sum(f_E * P_E)
+    return balancing_loss(probs, indices, num_experts)
+
+
+def balancing_loss(probs_TE: torch.Tensor, indices_Tk: torch.Tensor, num_experts: int):
+    """``load_balancing_loss`` without its checks: the layer's hot path (no host sync)."""
+    f_E = expert_counts(indices_Tk, num_experts).to(probs_TE.dtype) / indices_Tk.numel()
+    return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_lab.config import MoEConfig
-from moe_lab.losses import load_balancing_loss, router_z_loss
+from moe_lab.losses import balancing_loss, router_z_loss
 from moe_lab.routing import (
-    expert_capacity,
+    capacity_slots,
+    expert_counts,
     expert_positions,
     noisy_logits,
     router_probs,
@@ -83,10 +84,17 @@ class Router(nn.Module):
                 f"top_k={self.cfg.top_k}, score={self.cfg.score!r}, noisy={self.noise is not None}")
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits (T, E); with noisy gating, Gaussian noise is added while training."""
-        logits_TE = F.linear(x_TD, self.weight)
-        if self.noise is not None and self.training:
-            logits_TE = noisy_logits(logits_TE, self.noise(x_TD))
+        """Router logits (T, E); with noisy gating, Gaussian noise is added while training.
+
+        Under ``torch.autocast`` the router still runs in its weights' precision (float32 for a
+        float32 layer): rounding logits to bfloat16 before the softmax moves probabilities by
+        whole percents once logits grow (chapter 6), and the router is a tiny matmul.
+        """
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x_TD = x_TD.to(self.weight.dtype)
+            logits_TE = F.linear(x_TD, self.weight)
+            if self.noise is not None and self.training:
+                logits_TE = noisy_logits(logits_TE, self.noise(x_TD))
         return logits_TE
 
     def forward(self, x_TD: torch.Tensor) -> RoutingDecision:
@@ -111,11 +119,11 @@ class Router(nn.Module):
         balance_TE = probs_TE
         if cfg.score == "sigmoid":  # balance over normalised affinities, as DeepSeek-V3 does
             balance_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-        aux_loss = load_balancing_loss(balance_TE, indices_Tk, E)
+        aux_loss = balancing_loss(balance_TE, indices_Tk, E)
         keep_Tk, capacity = None, None
         if cfg.capacity_factor is not None:
             # GShard: capacity from the T tokens of this call; first choices queue first
-            capacity = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor)
+            capacity = capacity_slots(T, E, cfg.top_k, cfg.capacity_factor)
             keep_Tk = expert_positions(indices_Tk, E) < capacity
         return _decision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE,
                          aux_loss, requested=True)
@@ -123,7 +131,7 @@ class Router(nn.Module):
     def _expert_choice(self, logits_TE: torch.Tensor) -> RoutingDecision:
         """Zhou et al. (2022): each expert takes its top-C tokens; balanced by construction."""
         T, E = logits_TE.shape
-        capacity = min(T, expert_capacity(T, E, 1, self.cfg.capacity_factor))
+        capacity = min(T, capacity_slots(T, E, 1, self.cfg.capacity_factor))
         probs_TE = router_probs(logits_TE, "softmax")
         _, tokens_EC = torch.topk(probs_TE.t(), capacity, dim=-1)
         keep_TE = torch.zeros(T, E, dtype=torch.bool, device=logits_TE.device)
@@ -154,7 +162,7 @@ def _decision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE, au
         kept_Tk = indices_Tk.masked_fill(~keep_Tk, E)  # unkept slots counted in bin E
         dropped = (~keep_Tk).sum() if requested else zero
         unrouted = (~keep_Tk.any(1)).sum()
-    tokens_per_expert = torch.bincount(kept_Tk.reshape(-1), minlength=E + 1)[:E]
+    tokens_per_expert = expert_counts(kept_Tk, E)
     return RoutingDecision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE,
                            aux_loss, router_z_loss(logits_TE), tokens_per_expert, dropped,
                            unrouted)

@@ -8,6 +8,7 @@ that pair, so a chapter can swap the router without touching the experts.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +185,26 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     check_capacity_factor(capacity_factor)
     if capacity_factor is None:
         raise ValueError("capacity_factor must be a number > 0 here (None means no capacity)")
-    # Round first so that e.g. 1.1 * 2 * 100 / 4 = 55.000000000000007 gives 55, not 56.
-    return math.ceil(round(capacity_factor * top_k * num_tokens / num_experts, 9))
+    return capacity_slots(num_tokens, num_experts, top_k, capacity_factor)
+
+
+def capacity_slots(num_tokens, num_experts: int, top_k: int, capacity_factor: float):
+    """``expert_capacity`` without checks, in integer arithmetic: the factor is read as the
+    fraction it was written as (1.1 -> 11/10), so 1.1 * 2 * 100 / 4 gives 55, not 56, and a
+    symbolic token count (torch.compile) stays symbolic instead of forcing a recompile."""
+    cf = Fraction(capacity_factor).limit_denominator(10**6)
+    return -(-(cf.numerator * top_k * num_tokens) // (cf.denominator * num_experts))
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``indices`` name each expert: (num_experts,) int64.
+
+    Like ``bincount(minlength=E)``, but its shape never depends on the values (a static shape
+    under torch.compile); entries equal to ``num_experts`` (a "dropped" bin) are not counted.
+    """
+    flat = indices.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def expert_positions(indices_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -196,7 +215,7 @@ def expert_positions(indices_Tk: torch.Tensor, num_experts: int) -> torch.Tensor
     T, k = indices_Tk.shape
     flat = indices_Tk.t().reshape(-1)  # (k*T,) choice-major: all first choices, then seconds
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts  # (E,) first queue slot of each expert
     pos_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     pos = torch.empty_like(flat)

@@ -91,6 +91,13 @@ class MoEConfig:
     chosen per call and recorded on the experts module). ``impl="triton"`` is shorthand for
     sort dispatch with the Triton backend. ``node_limit`` restricts each token's experts to a
     few expert groups (DeepSeek-V3).
+
+    Capacity, per call of T tokens: top-k gives each expert C = ceil(cf * k * T / E) slots
+    (GShard); expert choice lets each expert pick C = min(T, ceil(cf * T / E)) tokens (Zhou et
+    al.), so expert choice at cf = k does the compute of top-k at cf = 1. Expert choice reads
+    neither ``top_k`` nor ``normalize_weights``, refuses sigmoid scores, bias balancing and
+    node limits. A single token (decoding) goes to all E experts: each picks its C = 1 tokens
+    from the only one there is, so expert choice is a training-time router.
     """
 
     d_model: int

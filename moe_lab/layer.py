@@ -150,3 +150,25 @@ class MoE(nn.Module):
         if tokens_per_expert.shape != self.expert_bias.shape:
             raise ValueError(f"tokens_per_expert must have shape {tuple(self.expert_bias.shape)}")
         self.router.update_bias(self.dispatcher.reduce_load(tokens_per_expert), rate)
+
+
+class MoEFFN(nn.Module):
+    """The MoE layer as a drop-in FFN: ``forward`` returns the output tensor, so it fits
+    ``nn.Sequential`` and code written for a dense FFN; the last call's ``MoEOutput`` stays in
+    ``last`` and ``loss()`` gives its weighted router losses to add to the task loss."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.moe = MoE(cfg)
+        self.last: MoEOutput | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.moe(x)
+        return self.last.y
+
+    def loss(self) -> torch.Tensor:
+        """aux_loss_coef * aux_loss + z_loss_coef * z_loss of the last call."""
+        if self.last is None:
+            raise RuntimeError("MoEFFN.loss() needs a forward call first")
+        cfg = self.moe.cfg
+        return cfg.aux_loss_coef * self.last.aux_loss + cfg.z_loss_coef * self.last.z_loss

@@ -357,3 +357,25 @@ def test_bad_input_and_splits_raise_clear_errors(one_rank_group):
     torch.testing.assert_close(ep(x).y, moe(x).y)
     with torch.no_grad():  # inference: no graph, same numbers
         torch.testing.assert_close(ep(x).y, moe(x).y)
+
+
+def _training_checks(W):
+    from moe_lab.parallel.checks import training_sync
+
+    case = {"capacity_factor": 1.25, "tokens": 8}
+    return {"sync": training_sync(case), "ddp": training_sync(case, use_ddp=True)}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("W", [2, 4])
+def test_expert_parallel_training_gradients(W):
+    """A user's model around an EP layer: sync_gradients, and DDP after prepare_ddp, give every
+    parameter the gradient of the mean loss; DDP leaves each rank's own experts in place."""
+    for res in spawn(_training_checks, W, args=(W,), deadline_s=150, pg_timeout_s=30):
+        for how in ("sync", "ddp"):
+            r = res[how]
+            assert r["experts"] == ["moe.experts.w_down", "moe.experts.w_gate",
+                                    "moe.experts.w_up"]
+            assert r["experts_kept"], how
+            for name, err in r["worst"].items():
+                assert err < 1e-12, (W, how, name, err)

@@ -10,6 +10,12 @@ routing, which bounds the ranks a token's rows travel to, is routing:
 from moe_lab.parallel.comm import PeerFailure, TrafficLog, all_to_all
 from moe_lab.parallel.launch import SpawnError, free_port, spawn
 from moe_lab.parallel.layer import AllToAllDispatcher, ExpertParallelMoE, ExpertParallelOutput
+from moe_lab.parallel.training import (
+    expert_parameter_names,
+    prepare_ddp,
+    replicated_parameter_names,
+    sync_gradients,
+)
 
 __all__ = [
     "AllToAllDispatcher",
@@ -19,6 +25,10 @@ __all__ = [
     "SpawnError",
     "TrafficLog",
     "all_to_all",
+    "expert_parameter_names",
     "free_port",
+    "prepare_ddp",
+    "replicated_parameter_names",
     "spawn",
+    "sync_gradients",
 ]

@@ -282,3 +282,59 @@ def _device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class _TinyNet(torch.nn.Module):
+    """A model with replicated parts around one MoE layer, as a user's own model would be."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        D = moe.cfg.d_model
+        self.pre, self.moe, self.post = torch.nn.Linear(D, D), moe, torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        out = self.moe(torch.tanh(self.pre(x)))
+        return self.post(out.y), out.aux_loss
+
+
+def _net_loss(net, x, g):
+    y, aux = net(x)
+    return (y * g).mean() + 0.1 * aux
+
+
+def training_sync(case: dict, use_ddp: bool = False) -> dict:
+    """On this rank: a model holding an EP layer, trained on this rank's slice of one global
+    batch; after ``sync_gradients`` (or DDP with ``prepare_ddp``) every gradient must equal the
+    gradient of the mean over ranks of each rank's loss, computed here on one process."""
+    from moe_lab.parallel.training import expert_parameter_names, prepare_ddp, sync_gradients
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    moe, xs, gs = make_case(W, **case)
+    torch.manual_seed(5)
+    ref = _TinyNet(moe).double()
+    net = _TinyNet(ExpertParallelMoE.from_moe(moe))
+    net.pre.double(), net.post.double()
+    net.pre.load_state_dict(ref.pre.state_dict())
+    net.post.load_state_dict(ref.post.state_dict())
+    experts_before = net.moe.experts.w_up.detach().clone()
+    model = net
+    if use_ddp:
+        prepare_ddp(net)
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    loss = _net_loss(model, xs[rank], gs[rank])
+    loss.backward()
+    if not use_ddp:
+        sync_gradients(net)
+    # the reference: one process, the mean over ranks of each rank's loss
+    sum(_net_loss(ref, x, g) for x, g in zip(xs, gs, strict=True)).div(W).backward()
+    ref_grads = dict(ref.named_parameters())
+    sl = slice(net.moe.first_expert, net.moe.first_expert + net.moe.num_local)
+    worst = {}
+    expert_names = set(expert_parameter_names(net))
+    for name, p in net.named_parameters():
+        want = ref_grads[name].grad
+        if name in expert_names:
+            want = want[sl]
+        worst[name] = _maxdiff(p.grad, want)
+    return {"worst": worst, "experts": sorted(expert_names),
+            "experts_kept": bool(torch.equal(net.moe.experts.w_up, experts_before))}

@@ -155,3 +155,61 @@ def exchange_counts(counts_WE: torch.Tensor, group=None) -> torch.Tensor:
         group,
     )
     return recv_WE
+
+
+def peer_table(group=None) -> list[tuple[str, int]]:
+    """(host name, process id) of every rank of ``group``: gathered once at start-up, so that
+    after a failure the survivors can tell which peer is gone (``lost_ranks``). A collective."""
+    import os
+    import socket
+
+    _, world = group_rank_size(group)
+    table: list = [None] * world
+    run_collective("all_gather_object of the peer table",
+                   lambda: dist.all_gather_object(table, (socket.gethostname(), os.getpid()),
+                                                  group=group), group)
+    return [tuple(t) for t in table]
+
+
+def _process_gone(pid: int) -> bool:
+    """True when process ``pid`` has exited (or is a zombie nobody has reaped yet)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def lost_ranks(table: list[tuple[str, int]]) -> tuple[list[int], bool]:
+    """(ranks whose process has exited, whether every rank was on this host and so checked).
+
+    Only ranks on this machine can be checked; a rank on another host that died, or any rank
+    that is alive but stalled, is not in the list."""
+    import socket
+
+    here = socket.gethostname()
+    gone = [r for r, (host, pid) in enumerate(table) if host == here and _process_gone(pid)]
+    return gone, all(host == here for host, _ in table)
+
+
+def name_lost_ranks(err: PeerFailure, table: list[tuple[str, int]]) -> PeerFailure:
+    """``err`` with the lost rank named: "lost rank 1 (pid 1234 exited)", or why not."""
+    gone, all_local = lost_ranks(table)
+    if gone:
+        what = "; ".join(f"lost rank {r} (process {table[r][1]} on {table[r][0]} exited)"
+                         for r in gone)
+    elif all_local:
+        what = "no rank has exited: a rank stalled past the timeout"
+    else:
+        what = "no rank on this host has exited: a rank on another host died or stalled"
+    return PeerFailure(f"{what}. {err}")

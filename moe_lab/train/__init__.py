@@ -10,6 +10,9 @@ Where each part lives:
   ``summarize_windows``, ``routing_by_kind``).
 - ``checkpoint``: ``save_checkpoint`` (atomic) and ``load_checkpoint`` (``weights_only``,
   checked against the run's config).
+- ``sharded``: ``train_sharded`` (experts sharded over W processes, ``--ep W``), ``train_rank``
+  (one rank's part, under torchrun or any process group), and the checkpoint's resharding
+  (``global_state``, ``load_resharded``): the file is the single-process one whatever W.
 - ``cli``: ``make_config`` (a named preset and variant as a TrainConfig), ``config_from_argv``
   and ``main``; ``__main__`` runs it.
 
@@ -29,6 +32,7 @@ from moe_lab.train.loop import (
     train,
     window_losses,
 )
+from moe_lab.train.sharded import train_rank, train_sharded
 
 __all__ = [
     "CKPT_FORMAT",
@@ -46,6 +50,8 @@ __all__ = [
     "save_checkpoint",
     "summarize_windows",
     "train",
+    "train_rank",
+    "train_sharded",
     "variant_moe",
     "window_losses",
 ]

@@ -10,6 +10,7 @@ with every mismatch named, when its config or tensor shapes differ from the run 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,16 +29,30 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, state: dict) -> None:
     """Write model, optimizer, step and the running log; atomically (tmp file, then rename)."""
+    write_checkpoint(path, cfg, step, model.state_dict(), opt.state_dict(), state)
+
+
+def write_checkpoint(
+    path: Path, cfg: TrainConfig, step: int, model_state: dict, optim_state: dict, state: dict
+) -> None:
+    """Write a checkpoint from state dicts (a sharded run passes the gathered, global ones).
+
+    The file is written to ``ckpt.tmp``, flushed to disk, then renamed over ``path``: until the
+    rename the previous checkpoint stays whole, and a reader never sees a half-written file."""
     blob = {
         "format": CKPT_FORMAT,
         "config": cfg.to_dict(),
         "step": step,
-        "model": model.state_dict(),
-        "optim": opt.state_dict(),
+        "model": model_state,
+        "optim": optim_state,
         "state": state,
     }
+    path = Path(path)
     tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -72,6 +87,27 @@ def checkpoint_config(path: Path) -> tuple[dict, int]:
     return blob["config"], int(blob["step"])
 
 
+def read_checked(
+    path: Path, cfg: TrainConfig, shapes: dict[str, tuple], *, ignore: tuple[str, ...] = ()
+) -> dict:
+    """The checkpoint at ``path``, refused (ValueError naming each mismatch) unless its config
+    equals ``cfg`` (fields in ``ignore`` aside) and its tensors have exactly ``shapes``."""
+    path = Path(path)
+    blob = _read(path)
+    diff = config_differences(blob["config"], cfg.to_dict(), ignore=ignore)
+    if diff:
+        raise ValueError(f"{path} was written for a different config: " + "; ".join(diff))
+    theirs = {k: tuple(v.shape) for k, v in blob["model"].items()}
+    bad = [
+        f"{k}: {theirs.get(k)} in checkpoint, {shapes.get(k)} in model"
+        for k in sorted(set(shapes) | set(theirs))
+        if shapes.get(k) != theirs.get(k)
+    ]
+    if bad:
+        raise ValueError(f"{path} does not match the model's tensors: " + "; ".join(bad))
+    return blob
+
+
 def load_checkpoint(
     path: Path, model, opt, cfg: TrainConfig, *, ignore: tuple[str, ...] = ()
 ) -> tuple[int, dict]:
@@ -79,20 +115,8 @@ def load_checkpoint(
 
     The checkpoint's config must equal ``cfg`` except in the fields named in ``ignore`` (the
     training loop passes ``("steps",)`` to extend a run)."""
-    path = Path(path)
-    blob = _read(path)
-    diff = config_differences(blob["config"], cfg.to_dict(), ignore=ignore)
-    if diff:
-        raise ValueError(f"{path} was written for a different config: " + "; ".join(diff))
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in blob["model"].items()}
-    bad = [
-        f"{k}: {theirs.get(k)} in checkpoint, {own.get(k)} in model"
-        for k in sorted(set(own) | set(theirs))
-        if own.get(k) != theirs.get(k)
-    ]
-    if bad:
-        raise ValueError(f"{path} does not match the model's tensors: " + "; ".join(bad))
+    blob = read_checked(path, cfg, own, ignore=ignore)
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optim"])
     return int(blob["step"]), blob["state"]

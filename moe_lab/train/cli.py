@@ -13,12 +13,18 @@ Every bad argument ends the program the argparse way, before any training: a usa
 is continued with ``--resume`` or replaced with ``--overwrite``, never overwritten silently;
 ``--resume --steps N`` extends a run to N steps (the log's ``resumed`` list records the
 schedule's change).
+
+``--ep W`` trains with every MoE layer's experts sharded over W processes
+(``moe_lab.train.sharded``): spawned here, or, under torchrun (RANK and WORLD_SIZE set, WORLD_SIZE
+equal to W), this process is one rank. The log and checkpoint are the single-process ones
+(the checkpoint resumes at any W' dividing E, or without ``--ep``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -65,6 +71,16 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
@@ -75,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION,
         usage="%(prog)s --out OUT [--config PRESET] [--variant VARIANT] [--seed S] [--steps N]"
-              " [--threads T] [--resume | --overwrite]",
+              " [--threads T] [--ep W [--timeout-s S]] [--resume | --overwrite]",
     )
     p.add_argument("--config", choices=tuple(PRESETS), default="short", metavar="PRESET",
                    help="one of: " + ", ".join(PRESETS) + " (default: short)")
@@ -87,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
                    help="override the preset's total steps; with --resume, extend the run")
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="T",
                    help="torch CPU threads, >= 1 (omit for torch's default)")
+    p.add_argument("--ep", type=_int_at_least(1), default=None, metavar="W",
+                   help="shard every MoE layer's experts over W processes (spawned, or the "
+                        "ranks of torchrun); W must divide the experts and the batch size")
+    p.add_argument("--timeout-s", type=_positive_float, default=60.0, metavar="S",
+                   help="with --ep: a collective waits at most S seconds for a dead or stuck "
+                        "rank (default: 60)")
     p.add_argument("--out", type=_folder, required=True, help="folder for log.json and ckpt.pt")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -158,6 +180,10 @@ def check_out(args: argparse.Namespace, cfg: TrainConfig) -> list[Path]:
     return existing + [p for p in (out / "ckpt.tmp",) if p.is_file()]
 
 
+def _torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train as the command line asks; write OUT/log.json (with routing by text kind for MoE).
 
@@ -166,19 +192,77 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser()
     args = p.parse_args(argv)
     cfg = _config(args)
+    rank = 0
+    if args.ep is not None:
+        from moe_lab.train.sharded import check_layout
+
+        try:
+            check_layout(cfg, args.ep)
+        except ValueError as e:
+            p.error(str(e))
+        if _torchrun():
+            world = int(os.environ["WORLD_SIZE"])
+            if world != args.ep:
+                p.error(f"--ep {args.ep}: torchrun started {world} processes; pass "
+                        f"--nproc_per_node (times nodes) = {args.ep}")
+            rank = int(os.environ["RANK"])
     try:
         replaced = check_out(args, cfg)
     except ValueError as e:
         p.error(str(e))
-    for path in replaced:  # --overwrite: the old run goes before the new one starts
-        path.unlink()
+    if rank == 0:
+        for path in replaced:  # --overwrite: the old run goes before the new one starts
+            path.unlink()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(max_code_bytes=cfg.max_code_bytes)
-    model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
+    if args.ep is None:
+        model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
+    elif _torchrun():
+        model, log = _torchrun_rank(args, cfg, corpus)
+        if model is None:
+            return {}
+    else:
+        from moe_lab.parallel import SpawnError
+        from moe_lab.train.sharded import train_sharded
+
+        try:
+            model, log = train_sharded(cfg, args.ep, out=args.out, resume=args.resume,
+                                       corpus=corpus, progress=True, threads=args.threads or 1,
+                                       timeout_s=args.timeout_s)
+        except SpawnError as e:
+            print(f"{PROG}: sharded training failed; the last checkpoint (if any) is in "
+                  f"{args.out}: rerun with --resume to continue from it.\n{e}", file=sys.stderr)
+            raise SystemExit(1) from None
     if cfg.model.moe is not None:
         log["routing_by_kind"] = routing_by_kind(model, corpus, cfg).tolist()
     log["command"] = f"{PROG} {shlex.join(argv)}"
     log["variant"], log["preset"] = args.variant, args.config
     Path(args.out, "log.json").write_text(json.dumps(log, indent=1))
     return log
+
+
+def _torchrun_rank(args: argparse.Namespace, cfg: TrainConfig, corpus):
+    """This process is one torchrun rank: (whole model, log) on rank 0, (None, None) elsewhere."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from moe_lab.model import TinyLM
+    from moe_lab.train.sharded import train_rank
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
+    try:
+        dist.barrier()  # rank 0 has removed an --overwrite'n run before anyone reads OUT
+        result = train_rank(cfg, out=args.out, resume=args.resume, corpus=corpus, progress=True)
+    except Exception as e:  # a dead peer: say so, and do not wait on it while shutting down
+        print(f"{PROG}: rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    if result is None:
+        return None, None
+    log, model_sd = result
+    model = TinyLM(cfg.model)
+    model.load_state_dict(model_sd)
+    return model, log

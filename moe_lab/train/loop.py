@@ -112,8 +112,12 @@ def train(
     stop_at: int | None = None,
     corpus: Corpus | None = None,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[TinyLM, dict]:
     """Train ``cfg.steps`` steps (or up to ``stop_at``); returns (model, log).
+
+    ``dtype`` (e.g. ``torch.float64``) converts the model after it is built: for equivalence
+    checks to round-off; a checkpoint does not record it, so resume with the same ``dtype``.
 
     With ``out``, writes ``out/log.json`` at every evaluation and ``out/ckpt.pt`` at the end
     (and every ``ckpt_every`` steps); ``resume=True`` continues from ``out/ckpt.pt``, whose
@@ -126,6 +130,8 @@ def train(
     corpus = corpus if corpus is not None else load_corpus(max_code_bytes=cfg.max_code_bytes)
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg.model)
+    if dtype is not None:
+        model = model.to(dtype)
     opt = make_optimizer(model, cfg)
     total, active = count_params(model)
     log = {

@@ -1,0 +1,152 @@
+"""Expert granularity at equal active FLOPs: the MoE layer's time against a dense FFN, per shape.
+
+For each (E, k, d_ff), a top-k MoE layer whose experts have hidden size d_ff does the matmul
+FLOPs of a dense SwiGLU FFN of hidden size k * d_ff. Every dispatcher x CPU backend, the dense
+FFN and (when transformers is installed) its Mixtral block run forward and backward, timed
+apart, interleaved in a shuffled order each round, in one process; the result keeps medians and
+each round's ratio to the dense time of that round, with the machine and its load recorded
+before and after.
+
+    PYTHONPATH=. python benchmarks/bench_shapes.py --out benchmarks/results/dispatch_shapes_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe_lab import FFN, MoE, MoEConfig
+from moe_lab.provenance import machine_record
+
+SHAPES = [(8, 2, 1024), (16, 4, 512), (32, 4, 512), (64, 8, 256), (128, 8, 256), (256, 8, 128)]
+# (name, dispatcher, backend)
+LAYERS = [("sort+auto", "sort", "auto"), ("sort+bmm", "sort", "bmm"),
+          ("sort+grouped_mm", "sort", "grouped_mm"), ("sort+loop", "sort", "loop"),
+          ("einsum+auto", "einsum", "auto"), ("loop", "loop", "auto")]
+EINSUM_LIMIT_BYTES = 2**28  # skip einsum where one (T, E, C) tensor passes 256 MiB
+
+
+def mixtral_block(D: int, F: int, E: int, k: int):
+    """transformers' Mixtral sparse-MoE block (eager), or None when transformers is absent."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
+                        num_experts_per_tok=k)
+    return MixtralSparseMoeBlock(cfg)
+
+
+def variants_for(T: int, D: int, E: int, k: int, F: int, seed: int = 0) -> dict:
+    """name -> module returning y (a tensor) for x (T, D); MoE layers unwrapped to y."""
+    torch.manual_seed(seed)
+    out = {"dense": FFN(D, k * F)}
+    for name, impl, backend in LAYERS:
+        if impl == "einsum" and T * E * (2 * k * T // E) * 4 > EINSUM_LIMIT_BYTES:
+            continue
+        if impl == "loop" and E > 64:
+            continue  # one Python pass per expert: minutes per round, nothing new to learn
+        torch.manual_seed(seed + 1)
+        out[name] = MoE(MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, impl=impl,
+                                  backend=backend))
+    block = mixtral_block(D, F, E, k)
+    if block is not None:
+        out["mixtral"] = block
+    return out
+
+
+def time_one(module, x_TD, g_TD) -> tuple[float, float]:
+    """Seconds of one forward and of its backward."""
+    x = x_TD.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    out = module(x)
+    y = out.y if hasattr(out, "y") else out
+    t1 = time.perf_counter()
+    (y * g_TD).sum().backward()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def bench_shape(T, D, E, k, F, repeats, warmup, seed=0) -> dict:
+    mods = variants_for(T, D, E, k, F, seed)
+    # (1, T, D): the Mixtral block wants (batch, sequence, d_model); the others flatten it
+    x_TD, g_TD = torch.randn(1, T, D), torch.randn(1, T, D)
+    fwd = {n: [] for n in mods}
+    bwd = {n: [] for n in mods}
+    rng = random.Random(seed)
+    for r in range(warmup + repeats):
+        order = list(mods)
+        rng.shuffle(order)
+        for name in order:
+            for p in mods[name].parameters():
+                p.grad = None
+            f, b = time_one(mods[name], x_TD, g_TD)
+            if r >= warmup:
+                fwd[name].append(f)
+                bwd[name].append(b)
+    total = {n: [f + b for f, b in zip(fwd[n], bwd[n], strict=True)] for n in mods}
+    med = statistics.median
+    return {
+        "E": E, "k": k, "d_ff": F, "tokens": T, "d_model": D,
+        "forward_s": {n: med(v) for n, v in fwd.items()},
+        "backward_s": {n: med(v) for n, v in bwd.items()},
+        "total_s": {n: med(v) for n, v in total.items()},
+        "paired_ratio": {n: med(t / d for t, d in zip(v, total["dense"], strict=True))
+                         for n, v in total.items()},
+        "auto_chose": {n: m.experts.last_backend for n, m in mods.items()
+                       if isinstance(m, MoE) and m.experts.backend == "auto"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_shapes.py", description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", default=",".join(f"{e}:{k}:{f}" for e, k, f in SHAPES),
+                   help="E:k:d_ff,... (default: the six of the sweep)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split(":")) for s in a.shapes.split(",")]
+    torch.set_num_threads(a.threads)
+    start = machine_record()
+    rows = []
+    for E, k, F in shapes:
+        rows.append(bench_shape(a.tokens, a.d_model, E, k, F, a.repeats, a.warmup))
+        print(f"E={E:>3} k={k} d_ff={F:>4}: " + ", ".join(
+            f"{n} {r:.2f}x" for n, r in rows[-1]["paired_ratio"].items()), flush=True)
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    result = {
+        "command": shlex.join(["python", "benchmarks/bench_shapes.py",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "measured": "forward and backward timed apart; medians over rounds; paired_ratio: "
+                    "median over rounds of (fwd+bwd) / dense (fwd+bwd) of that round",
+        "dense_baseline": "SwiGLU FFN of hidden size k * d_ff (equal active matmul FLOPs)",
+        "threads": a.threads,
+        "transformers": tf_version,
+        "shapes": rows,
+        "machine_start": start,
+        "machine_end": machine_record(),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The granularity sweep benchmark runs at a tiny size and records what it measured."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_at_a_tiny_size_writes_a_complete_record(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_shapes",
+                                                  ROOT / "benchmarks" / "bench_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    bench.main(["--tokens", "64", "--d-model", "16", "--repeats", "2", "--warmup", "0",
+                "--threads", "1", "--shapes", "4:2:16,8:4:8", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(s["E"], s["k"], s["d_ff"]) for s in saved["shapes"]] == [(4, 2, 16), (8, 4, 8)]
+    for s in saved["shapes"]:
+        assert {"dense", "sort+auto", "sort+bmm", "sort+grouped_mm", "loop"} <= set(s["total_s"])
+        assert s["paired_ratio"]["dense"] == 1.0
+        for n in s["total_s"]:
+            assert abs(s["forward_s"][n] + s["backward_s"][n] - s["total_s"][n]) < 1.0
+    assert "bench_shapes.py" in saved["command"] and saved["machine_start"]["cpu"]

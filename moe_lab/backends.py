@@ -9,8 +9,8 @@ only in the matmul calls:
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm``, one call per weight, no padding
   (float32 on CPU; bfloat16 on CUDA; row strides a multiple of 16 bytes).
 - ``triton``: this package's grouped GEMM kernel (chapter 9).
-- ``auto``: on CUDA, ``grouped_mm`` where it applies; else ``bmm`` when padding costs at most
-  ``AUTO_PAD_LIMIT`` times the real rows, else ``grouped_mm`` where it applies, else ``loop``.
+- ``auto``: on CUDA, ``grouped_mm`` where it applies; on CPU, ``loop`` (measured fastest there;
+  see ``choose_auto``).
 
 Host syncs: ``loop`` reads the counts (split sizes) and ``bmm`` the busiest count; ``grouped_mm``
 and ``triton`` take the counts as a device tensor (the Triton kernel works out its own tiles
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("loop", "bmm", "grouped_mm", "triton")
-AUTO_PAD_LIMIT = 1.25  # "auto" pads (bmm) while E * max(count) <= this * rows
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -141,19 +140,75 @@ def run_bmm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor
     return _UnpadRows.apply(experts.forward_batched(x_ECD), rows_EC, pos_N, valid_EC)
 
 
+class _ExpertLoop(torch.autograd.Function):
+    """Every expert's FFN on its contiguous block of rows, one set of matmuls per expert,
+    each writing into one preallocated output; the backward likewise writes each expert's
+    weight gradient into its slice of one (E, ...) tensor. Nothing is concatenated or stacked,
+    and autograd sees one node instead of a dozen per expert."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_gate, w_up, w_down, sizes, swiglu):
+        N, D = x_ND.shape
+        up_NF = x_ND.new_empty(N, w_up.shape[-1])
+        gate_NF = torch.empty_like(up_NF) if swiglu else None
+        y_ND = x_ND.new_empty(N, D)
+        start = 0
+        for e, n in enumerate(sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:
+                continue
+            torch.mm(x_ND[rows], w_up[e], out=up_NF[rows])
+            if swiglu:
+                torch.mm(x_ND[rows], w_gate[e], out=gate_NF[rows])
+                h_nF = F.silu(gate_NF[rows]) * up_NF[rows]
+            else:
+                h_nF = F.gelu(up_NF[rows])
+            torch.mm(h_nF, w_down[e], out=y_ND[rows])
+        ctx.save_for_backward(x_ND, w_gate, w_up, w_down, gate_NF, up_NF)
+        ctx.sizes, ctx.swiglu = sizes, swiglu
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ND):
+        x_ND, w_gate, w_up, w_down, gate_NF, up_NF = ctx.saved_tensors
+        g_ND = g_ND.contiguous()
+        gx_ND = torch.empty_like(x_ND)  # every row belongs to one expert: all written below
+        g_wup, g_wdown = torch.empty_like(w_up), torch.empty_like(w_down)
+        g_wgate = torch.empty_like(w_gate) if ctx.swiglu else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:  # an idle expert's weights get a zero gradient
+                for g_w in (g_wup, g_wdown, g_wgate):
+                    if g_w is not None:
+                        g_w[e].zero_()
+                continue
+            x_nD, gy_nD, up_nF = x_ND[rows], g_ND[rows], up_NF[rows]
+            gh_nF = gy_nD @ w_down[e].t()
+            if ctx.swiglu:
+                gate_nF = gate_NF[rows]
+                act_nF = F.silu(gate_nF)
+                torch.mm((act_nF * up_nF).t(), gy_nD, out=g_wdown[e])
+                gup_nF = gh_nF * act_nF
+                ggate_nF = torch.ops.aten.silu_backward(gh_nF * up_nF, gate_nF)
+                torch.mm(x_nD.t(), ggate_nF, out=g_wgate[e])
+                torch.mm(ggate_nF, w_gate[e].t(), out=gx_ND[rows])
+            else:
+                torch.mm(F.gelu(up_nF).t(), gy_nD, out=g_wdown[e])
+                gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
+            torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
+            gx_ND[rows].addmm_(gup_nF, w_up[e].t())
+        return gx_ND, g_wgate, g_wup, g_wdown, None, None
+
+
 def run_loop(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """One set of matmuls per expert with rows, on its contiguous block."""
+    """One set of matmuls per expert with rows, on its contiguous block (no padding)."""
     sizes = [int(c) for c in counts_E.tolist()]  # host sync: the split sizes
-    # unbind, not w[e]: the backward of E selects would build E zero-filled (E, D, F)
-    # gradients and add them up; unbind's backward stacks the E slices once.
-    w_gate = experts.w_gate.unbind(0) if experts.w_gate is not None else None
-    w_up, w_down = experts.w_up.unbind(0), experts.w_down.unbind(0)
-    outs = []
-    for e, blk_nD in enumerate(torch.split(x_ND, sizes)):
-        if sizes[e]:
-            gate = blk_nD @ w_gate[e] if w_gate is not None else None
-            outs.append(experts.act(gate, blk_nD @ w_up[e]) @ w_down[e])
-    return torch.cat(outs, dim=0)
+    return _ExpertLoop.apply(x_ND.contiguous(), experts.w_gate, experts.w_up, experts.w_down,
+                             sizes, experts.w_gate is not None)
 
 
 def _run_mm(mm: GroupedMM):
@@ -198,12 +253,14 @@ RUNNERS = {"loop": run_loop, "bmm": run_bmm, "grouped_mm": run_grouped_mm, "trit
 
 
 def choose_auto(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> str:
-    """What ``backend="auto"`` runs for these rows (see the module docstring)."""
+    """What ``backend="auto"`` runs: ``grouped_mm`` on CUDA where it applies, else ``loop``.
+
+    On CPU the per-expert loop (one output buffer, one autograd node) measured fastest of the
+    three CPU backends at every shape of the granularity sweep
+    (``benchmarks/results/dispatch_shapes_cpu.json``), padded ``bmm`` slowest as experts grow
+    finer; ``tests/test_bench_results.py`` holds the rule to that data.
+    """
     weights = (experts.w_gate, experts.w_up, experts.w_down)
     if x_ND.device.type == "cuda" and torch_grouped_mm_applies(x_ND, *weights):
-        return "grouped_mm"
-    if experts.num_experts * int(counts_E.max()) <= AUTO_PAD_LIMIT * x_ND.shape[0]:
-        return "bmm"
-    if torch_grouped_mm_applies(x_ND, *weights):
         return "grouped_mm"
     return "loop"

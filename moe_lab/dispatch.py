@@ -123,67 +123,43 @@ def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts:
     return order, order // k, counts_E
 
 
-class _PermuteRows(torch.autograd.Function):
-    """rows of x in the order ``perm``; the backward gathers with the inverse permutation
-    instead of scatter-adding (what plain indexing would do), which is faster on CPU."""
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum_j w_Tk[t, j] * h_ND[inv[t * k + j]]: back to token order and mixed, in one
+    step. Forward: one gather and one batched matmul. Backward, in the experts' (sorted) order:
+    one gather of g_TD by token gives both the weights' gradient (a row-wise dot with h) and,
+    scaled in place, h's gradient; no (T, k, D) temporary and no second permutation."""
 
     @staticmethod
-    def forward(ctx, x_ND, perm_N, inv_N):
-        ctx.save_for_backward(inv_N)
-        return x_ND.index_select(0, perm_N)
-
-    @staticmethod
-    def backward(ctx, g_ND):
-        (inv_N,) = ctx.saved_tensors
-        return g_ND.index_select(0, inv_N), None, None
-
-
-class _GatherTokens(torch.autograd.Function):
-    """x_TD rows for the sorted assignments (each token k times); since every token has exactly
-    k rows, the backward is a gather with the inverse permutation and a sum over k."""
-
-    @staticmethod
-    def forward(ctx, x_TD, token_of_N, inv_N, k):
-        ctx.save_for_backward(inv_N)
-        ctx.k = k
-        return x_TD.index_select(0, token_of_N)
-
-    @staticmethod
-    def backward(ctx, g_ND):
-        (inv_N,) = ctx.saved_tensors
-        g_TkD = g_ND.index_select(0, inv_N).view(-1, ctx.k, g_ND.shape[-1])
-        return g_TkD.sum(1), None, None, None
-
-
-class _WeightedSum(torch.autograd.Function):
-    """y_TD = sum_j w_Tk[:, j] * h_TkD[:, j]: one batched matmul forward; the backward is two
-    broadcast products, as bmm's own backward over T tiny (1, k) x (k, D) matrices is slow on
-    CPU (a loop over the batch)."""
-
-    @staticmethod
-    def forward(ctx, w_Tk, h_TkD):
-        ctx.save_for_backward(w_Tk, h_TkD)
+    def forward(ctx, h_ND, w_Tk, inv_N, order_N, token_of_N):
+        T, k = w_Tk.shape
+        h_TkD = h_ND.index_select(0, inv_N).view(T, k, h_ND.shape[-1])
+        ctx.save_for_backward(h_ND, w_Tk, inv_N, order_N, token_of_N)
         return torch.bmm(w_Tk.unsqueeze(1), h_TkD).squeeze(1)
 
     @staticmethod
     def backward(ctx, g_TD):
-        w_Tk, h_TkD = ctx.saved_tensors
-        g_w = (h_TkD * g_TD.unsqueeze(1)).sum(-1) if ctx.needs_input_grad[0] else None
-        g_h = w_Tk.unsqueeze(-1) * g_TD.unsqueeze(1) if ctx.needs_input_grad[1] else None
-        return g_w, g_h
+        h_ND, w_Tk, inv_N, order_N, token_of_N = ctx.saved_tensors
+        g_ND = g_TD.index_select(0, token_of_N)  # each row's token's gradient, sorted order
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = (h_ND * g_ND).sum(-1).index_select(0, inv_N).view(w_Tk.shape)
+        g_h = None
+        if ctx.needs_input_grad[0]:
+            g_h = g_ND.mul_(w_Tk.reshape(-1).index_select(0, order_N).unsqueeze(-1))
+        return g_h, g_w, None, None, None
 
 
 def _dispatch_sort_dropless(x_TD, weights_Tk, indices_Tk, experts: Experts):
     """Dropless sort: every token has k rows, so gather and un-gather are permutations."""
     T, k = indices_Tk.shape
-    D = x_TD.shape[-1]
     order, token_of, counts_E = permute(indices_Tk, None, experts.num_experts)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    x_ND = _GatherTokens.apply(x_TD, token_of, inv, k)  # (T*k, D) grouped by expert
+    # (T*k, D) grouped by expert; index_select's backward is one index_add over tokens, which
+    # measured 4x faster here than gathering with the inverse permutation and summing over k
+    x_ND = x_TD.index_select(0, token_of)
     h_ND = experts.forward_sorted(x_ND, counts_E)
-    h_TkD = _PermuteRows.apply(h_ND, inv, order).view(T, k, D)  # back to token-major
-    return _WeightedSum.apply(weights_Tk, h_TkD)  # (T, D) weighted sum
+    return _Combine.apply(h_ND, weights_Tk, inv, order, token_of)  # (T, D) mixed
 
 
 def combine(x_TD, h_ND, token_of_N, w_N):

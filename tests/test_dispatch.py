@@ -102,11 +102,19 @@ def test_make_dispatcher_rejects_unknown():
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_weighted_sum_gradcheck(k):
+def test_combine_gradcheck(k):
     """The combine step's hand-written backward against finite differences."""
-    from moe_lab.dispatch import _WeightedSum
+    from moe_lab.dispatch import _Combine
 
-    w = torch.rand(5, k, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(5, k, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_WeightedSum.apply, (w, h))
-    torch.testing.assert_close(_WeightedSum.apply(w, h), (w.unsqueeze(-1) * h).sum(1))
+    g = torch.Generator().manual_seed(k)
+    T, E = 5, 5
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    order, token_of, _ = permute(indices, None, E)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(T * k, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w: _Combine.apply(h, w, inv, order, token_of),
+                                    (h, w))
+    want = (w.unsqueeze(-1) * h[inv].view(T, k, 3)).sum(1)
+    torch.testing.assert_close(_Combine.apply(h, w, inv, order, token_of), want)

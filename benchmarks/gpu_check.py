@@ -481,6 +481,29 @@ def run_sync_check(device, dtype, backend_names=SYNC_BACKENDS, set_mode=None,
 # --- the result file ------------------------------------------------------------------------
 
 
+def check_compile_autocast(device, backends=("grouped_mm", "triton"), tokens: int = 512) -> dict:
+    """A float32 layer under autocast (bf16 on CUDA, fp16 too) and compiled: equal to eager
+    under the same autocast, output in the autocast dtype, per backend (issue #20)."""
+    from moe_lab import MoE, MoEConfig
+
+    rows = []
+    dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.bfloat16,)
+    for backend in backends:
+        for dt in dtypes:
+            torch.manual_seed(0)
+            moe = MoE(MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2,
+                                backend=backend)).to(device)
+            x = torch.randn(tokens, 256, device=device)
+            with torch.autocast(device.type, dtype=dt):
+                eager = moe(x).y
+                compiled = torch.compile(moe)(x).y
+            diff = float((eager.float() - compiled.float()).abs().max())
+            ok = eager.dtype == dt == compiled.dtype
+            rows.append({"backend": backend, "dtype": str(dt).removeprefix("torch."),
+                         "dtype_ok": ok, "max_abs_diff": diff, "passed": ok and diff < 0.05})
+    return {"rows": rows, "passed": all(r["passed"] for r in rows)}
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
@@ -549,6 +572,8 @@ def run_all(device, args, command: str) -> tuple[dict, int]:
     phases = [
         ("correctness", lambda: check_correctness(device, large=device.type == "cuda")),
         ("syncs", lambda: run_sync_check(device, dtype)),
+        ("compile_autocast", lambda: check_compile_autocast(
+            device, ("grouped_mm", "triton") if device.type == "cuda" else ("loop",))),
         ("gemm", lambda: run_gemm_check(device, dtype, budget.share(GEMM_SHARE), args.repeats,
                                         args.iters, quick=args.quick)),
         ("layer", lambda: run_layer_check(device, dtype, budget, args.repeats, args.iters,

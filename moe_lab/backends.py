@@ -207,8 +207,14 @@ class _ExpertLoop(torch.autograd.Function):
 def run_loop(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """One set of matmuls per expert with rows, on its contiguous block (no padding)."""
     sizes = [int(c) for c in counts_E.tolist()]  # host sync: the split sizes
-    return _ExpertLoop.apply(x_ND.contiguous(), experts.w_gate, experts.w_up, experts.w_down,
-                             sizes, experts.w_gate is not None)
+    weights = (experts.w_gate, experts.w_up, experts.w_down)
+    if torch.is_autocast_enabled(x_ND.device.type):
+        # mm(out=...) is outside autocast's reach: cast here, as autocast would (the casts are
+        # differentiable, so float32 weights still get their gradients)
+        dt = torch.get_autocast_dtype(x_ND.device.type)
+        x_ND = x_ND.to(dt)
+        weights = tuple(w.to(dt) if w is not None else None for w in weights)
+    return _ExpertLoop.apply(x_ND.contiguous(), *weights, sizes, experts.w_gate is not None)
 
 
 def _run_mm(mm: GroupedMM):

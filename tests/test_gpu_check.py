@@ -245,10 +245,14 @@ def test_run_all_on_cpu_writes_a_result_the_chapter_reads(gc, fake_cuda_timing, 
         "rows": [{"op": "grouped_gemm", "dtype": "float32", "case": "c",
                   "worst_error_over_tolerance": 0.1, "passed": True}], "passed": True})
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    # its CPU path compiles with inductor (a minute): tested on its own, below
+    monkeypatch.setattr(gc, "check_compile_autocast",
+                        lambda device, backends: {"rows": [], "passed": True})
     args = gc.parse_args(["--out", str(tmp_path), "--repeats", "1", "--iters", "1", "--quick"])
     payload, status = gc.run_all(torch.device("cpu"), args, "bash benchmarks/gpu_check.sh")
     assert status == 0
-    assert set(payload["checks"]) == {"correctness", "syncs", "gemm", "layer"}
+    assert set(payload["checks"]) == {"correctness", "syncs", "compile_autocast", "gemm",
+                                      "layer"}
     (path,) = tmp_path.iterdir()
     assert path.name.startswith("gpu_check_cpu")
     saved = json.loads(path.read_text())
@@ -319,3 +323,12 @@ def test_an_interrupted_run_keeps_what_it_measured(gc, monkeypatch, tmp_path):
     assert status == 1 and list(payload["checks"]) == ["correctness", "syncs"]
     (loaded,) = load_gpu_checks(tmp_path)
     assert check_errors(loaded) == {"syncs": "interrupted (time limit)"}
+
+
+@pytest.mark.slow
+def test_compile_autocast_check_runs_on_cpu(gc):
+    """The phase's CPU path (loop backend, bf16 autocast, compiled with inductor's CPU
+    backend) passes; on a GPU the same code checks grouped_mm and triton in bf16 and fp16."""
+    res = gc.check_compile_autocast(torch.device("cpu"), ("loop",), tokens=64)
+    assert res["passed"], res
+    assert [(r["backend"], r["dtype"]) for r in res["rows"]] == [("loop", "bfloat16")]

@@ -51,11 +51,12 @@ def results_table(result: dict, pass_: str = "fwd") -> str:
 GPU_CHECK_KIND = "moe_lab.gpu_check"
 GPU_CHECK_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gpu"
 GPU_CHECK_HEADER = ("kind", "schema", "device", "date", "torch", "triton", "command", "checks")
-GPU_CHECKS = ("correctness", "syncs", "gemm", "layer")
+GPU_CHECKS = ("correctness", "syncs", "compile_autocast", "gemm", "layer")
 # The fields every row of each check carries (a check that failed carries "error" instead).
 GPU_CHECK_ROWS = {
     "correctness": ("op", "dtype", "case", "worst_error_over_tolerance", "passed"),
     "syncs": ("backend", "forward", "backward", "total"),
+    "compile_autocast": ("backend", "dtype", "dtype_ok", "max_abs_diff", "passed"),
     "gemm": ("shape", "tokens", "gemm", "N", "K", "M", "E", "variant", "median_ms", "tflops",
              "vs_dense"),
     "layer": ("shape", "tokens", "d_model", "d_ff", "E", "top_k", "variant", "median_ms",

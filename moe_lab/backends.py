@@ -200,7 +200,10 @@ class _ExpertLoop(torch.autograd.Function):
                 torch.mm(F.gelu(up_nF).t(), gy_nD, out=g_wdown[e])
                 gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
             torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
-            gx_ND[rows].addmm_(gup_nF, w_up[e].t())
+            if ctx.swiglu:  # the gate's share is already in gx
+                gx_ND[rows].addmm_(gup_nF, w_up[e].t())
+            else:
+                torch.mm(gup_nF, w_up[e].t(), out=gx_ND[rows])
         return gx_ND, g_wgate, g_wup, g_wdown, None, None
 
 

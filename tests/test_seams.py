@@ -37,15 +37,16 @@ def reference(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("router, cf", [("top_k", None), ("top_k", 0.75),
                                         ("expert_choice", 1.0)])
 @pytest.mark.parametrize("impl, backend", PAIRS, ids=[f"{d}-{b}" for d, b in PAIRS])
-def test_every_pair_equals_the_float64_reference(impl, backend, router, cf):
+def test_every_pair_equals_the_float64_reference(impl, backend, router, cf, activation):
     """float64 where the backend allows it; grouped_mm (float32 on CPU) against float64."""
     dtype = torch.float32 if backend == "grouped_mm" else torch.float64
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, d_ff=12, num_experts=4, top_k=2, impl=impl, backend=backend,
-                    router=router, capacity_factor=cf)
+                    router=router, capacity_factor=cf, activation=activation)
     moe = MoE(cfg).to(dtype)
     ref_moe = MoE(dataclasses.replace(cfg, impl="loop", backend="auto")).double()
     ref_moe.load_state_dict(moe.state_dict())

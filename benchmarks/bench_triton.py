@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import random
 import re
 import shlex
 import statistics
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 
 # Imported before triton: with no GPU, moe_lab.kernels switches Triton's interpreter on.
 import moe_lab.kernels as K  # noqa: E402
+from moe_lab.kernels.timing import time_interleaved  # noqa: E402
 from moe_lab.provenance import machine_record  # noqa: E402
 
 # (shape name, d_model, d_ff, experts, top_k, token counts); --quick keeps the first count.
@@ -118,29 +118,6 @@ def make_runners(n, k, m, experts, counts_E, device, backward):
         else (lambda: loop_matmul(x, w, counts_E, out)),
         "dense": lambda: finish(x @ w_dense),
     }
-
-
-def time_interleaved(runners: dict, repeats: int, iters: int, seed: int) -> dict:
-    """Milliseconds per call of each runner; variants shuffled within every repeat."""
-    for run in runners.values():  # warm-up: compiles the kernels, fills the allocator
-        run()
-        run()
-    torch.cuda.synchronize()
-    samples = {name: [] for name in runners}
-    order = list(runners)
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(iters):
-                runners[name]()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) / iters)
-    return samples
 
 
 def summarize(case: dict, samples: dict) -> list[dict]:

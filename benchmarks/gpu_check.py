@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import random
 import re
 import shlex
 import signal
@@ -49,6 +48,7 @@ import moe_lab.kernels as K  # noqa: E402
 from moe_lab import backends  # noqa: E402
 from moe_lab.kernels.results import GPU_CHECK_KIND, gpu_check_problems  # noqa: E402
 from moe_lab.kernels.tile_configs import KINDS as TILE_KINDS  # noqa: E402
+from moe_lab.kernels.timing import time_interleaved  # noqa: E402
 
 SCHEMA = 1
 OUT_DIR = ROOT / "benchmarks" / "results" / "gpu"
@@ -129,30 +129,6 @@ def estimate_seconds(previous: tuple[float, float] | None, flops: float) -> floa
         return 0.0
     seconds, prev_flops = previous
     return seconds * flops / prev_flops
-
-
-def time_interleaved(runners: dict, repeats: int, iters: int, seed: int,
-                     warmup: int = 2) -> dict[str, list[float]]:
-    """Milliseconds per call of each runner (CUDA events); variants shuffled every repeat."""
-    for run in runners.values():  # warm-up: compiles the kernels, fills the allocator
-        for _ in range(warmup):
-            run()
-    torch.cuda.synchronize()
-    samples = {name: [] for name in runners}
-    order = list(runners)
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(iters):
-                runners[name]()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) / iters)
-    return samples
 
 
 def summarize(case: dict, samples: dict[str, list[float]], flops: float,

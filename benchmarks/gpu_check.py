@@ -1,4 +1,4 @@
-"""Every GPU check chapter 9 needs, in one run: `bash benchmarks/gpu_check.sh` on one GPU.
+"""Every GPU check chapter 10 needs, in one run: `bash benchmarks/gpu_check.sh` on one GPU.
 
 (a) correctness: the compiled Triton kernels (grouped GEMM, fused gate+up, and the expert
     backend built on them) against float64, gradients included, in fp32, fp16 and bf16;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check chapter 9 needs, in one run of under 8 minutes on one H100 or H200:
+# Every GPU check chapter 10 needs, in one run of under 8 minutes on one H100 or H200:
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--budget-s 390] [--repeats 7] [--iters 3]
 #

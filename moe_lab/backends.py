@@ -8,7 +8,7 @@ only in the matmul calls:
 - ``bmm``: pad every expert to the busiest one's count, one batched matmul per weight.
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm``, one call per weight, no padding
   (float32 on CPU; bfloat16 on CUDA; row strides a multiple of 16 bytes).
-- ``triton``: this package's grouped GEMM kernel (chapter 9).
+- ``triton``: this package's grouped GEMM kernel (chapter 10).
 - ``auto``: on CUDA, ``grouped_mm`` where it applies; on CPU, ``loop`` (measured fastest there;
   see ``choose_auto``).
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 SMALL_INTEGERS = range(0, 11)  # counts in the set-up: k = 2, 3 seeds, 4 layers, 8 experts
 POWERS_OF_TWO = {2**i for i in range(4, 21)}  # chosen widths, batch and window sizes, E and T
 YEARS = range(1950, 2031)  # publication years next to author names
-NUMBERED_THINGS = (  # "chapter 10", "exercise 12": references to parts of the book or code
+NUMBERED_THINGS = (  # "chapter 11", "exercise 12": references to parts of the book or code
     "chapter", "chapters", "exercise", "exercises", "section", "figure", "table", "appendix",
     "equation", "issue", "rank", "ranks", "layer", "layers", "seed", "seeds", "python",
     "pytorch", "triton", "version", "cpython",

@@ -1,4 +1,4 @@
-"""`{{ch0}}` ... `{{ch10}}`: a link to each chapter once it is in _toc.yml, plain text until then.
+"""`{{ch0}}` ... `{{ch11}}`: a link to each chapter once it is in _toc.yml, plain text until then.
 
 Pages that name chapters (intro, appendices) write `{{ch5}}`, never a bare link: the build runs
 with -W, so a link to a chapter not yet in the table of contents would fail it. Each
@@ -21,9 +21,12 @@ CHAPTERS = {
     5: "05_capacity",
     6: "06_load_balancing",
     7: "07_tiny_moe",
-    8: "08_expert_parallelism",
-    9: "09_triton_kernel",
-    10: "10_scaling",
+    8: "08_inside_moe",
+    9: "09_expert_parallelism",
+    10: "10_triton_kernel",
+    11: "11_scaling",
+    12: "12_serving",
+    13: "13_in_practice",
 }
 
 

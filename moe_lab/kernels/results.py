@@ -1,4 +1,4 @@
-"""Read chapter 9's GPU result files: bench_triton.py's (benchmarks/results/triton_*.json)
+"""Read chapter 10's GPU result files: bench_triton.py's (benchmarks/results/triton_*.json)
 and gpu_check.py's (benchmarks/results/gpu/gpu_check_<device>.json)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def results_table(result: dict, pass_: str = "fwd") -> str:
     return "\n".join(lines)
 
 
-# --- benchmarks/gpu_check.py: every GPU check of chapter 9, one file per device ----------------
+# --- benchmarks/gpu_check.py: every GPU check of chapter 10, one file per device ----------------
 
 GPU_CHECK_KIND = "moe_lab.gpu_check"
 GPU_CHECK_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gpu"

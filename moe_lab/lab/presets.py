@@ -20,6 +20,10 @@ VARIANTS = (
     "dense", "moe8", "fine", "fine32", "moe16", "fine32k4", "shared", "top1", "nobal",
     "top1renorm",
 )
+# Not of equal active FLOPs, so kept apart from VARIANTS (whose every member matches dense's
+# active FFN width): the shape of sparse upcycling (chapter 8). The command line takes both.
+UPCYCLING_VARIANTS = ("up8",)
+ALL_VARIANTS = VARIANTS + UPCYCLING_VARIANTS
 
 # "short" fits the chapter's build budget; the others are the committed experiments.
 LONG_MODEL = dict(block_size=64, d_model=64, n_layers=4, n_heads=4, d_ff=256)
@@ -70,9 +74,12 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
     moe16 (E=16, k=2, hidden d_ff/2) and fine32k4 (E=32, k=4, hidden d_ff/4) have 8x.
     shared (DeepSeekMoE): a shared expert of hidden d_ff/2 that every token uses, plus top-2 of
     16 routed experts of hidden d_ff/4 (4.5x in total).
+    up8, the one exception to equal active FLOPs: top-2 of 8 experts of the dense hidden size
+    d_ff, the shape sparse upcycling gives when every expert is a copy of the dense FFN
+    (``moe_lab.upcycle``, chapter 8): twice the dense FFN's FLOPs per token, 8x its parameters.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     if variant == "dense":
         return None
     E, k = {
@@ -85,6 +92,7 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         "top1": (4, 1),
         "top1renorm": (4, 1),
         "nobal": (8, 2),
+        "up8": (8, 2),
     }[variant]
     # the shared variant spends half the active width on its shared expert
     routed_ff, shared_ff = (d_ff // 2, d_ff // 2) if variant == "shared" else (d_ff, 0)
@@ -92,7 +100,7 @@ def variant_moe(variant: str, d_model: int, d_ff: int) -> MoEConfig | None:
         raise ValueError(f"d_ff={d_ff} does not split evenly for variant {variant!r}")
     return MoEConfig(
         d_model=d_model,
-        d_ff=routed_ff // k,
+        d_ff=d_ff if variant == "up8" else routed_ff // k,
         shared_d_ff=shared_ff,
         num_experts=E,
         top_k=k,

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from moe_lab.data import load_corpus
-from moe_lab.lab.presets import PRESETS, VARIANT_TRAIN, VARIANTS, variant_moe
+from moe_lab.lab.presets import ALL_VARIANTS, PRESETS, VARIANT_TRAIN, variant_moe
 from moe_lab.model import ModelConfig
 from moe_lab.train.checkpoint import checkpoint_config, config_differences
 from moe_lab.train.config import TrainConfig
@@ -81,6 +81,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
@@ -91,12 +101,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION,
         usage="%(prog)s --out OUT [--config PRESET] [--variant VARIANT] [--seed S] [--steps N]"
-              " [--threads T] [--ep W [--timeout-s S]] [--resume | --overwrite]",
+              " [--threads T] [--ep W [--timeout-s S]] [--resume | --overwrite]"
+              " [--init-from FILE [--upcycle-noise S]] [--keep-every N]",
     )
     p.add_argument("--config", choices=tuple(PRESETS), default="short", metavar="PRESET",
                    help="one of: " + ", ".join(PRESETS) + " (default: short)")
-    p.add_argument("--variant", choices=VARIANTS, default="dense", metavar="VARIANT",
-                   help="one of: " + ", ".join(VARIANTS) + " (default: dense)")
+    p.add_argument("--variant", choices=ALL_VARIANTS, default="dense", metavar="VARIANT",
+                   help="one of: " + ", ".join(ALL_VARIANTS) + " (default: dense)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                    help="integer >= 0 (default: 0)")
     p.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
@@ -109,6 +120,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=_positive_float, default=60.0, metavar="S",
                    help="with --ep: a collective waits at most S seconds for a dead or stuck "
                         "rank (default: 60)")
+    p.add_argument("--init-from", type=_folder, default=None, metavar="FILE",
+                   help="start from the weights in FILE (a ckpt.pt or a weights file) with a "
+                        "fresh optimizer and schedule; a dense file into an MoE variant is "
+                        "upcycled, every expert a copy of the dense FFN (moe_lab.upcycle)")
+    p.add_argument("--upcycle-noise", type=_non_negative_float, default=0.0, metavar="S",
+                   help="with --init-from, upcycling: multiply each copied expert weight by "
+                        "1 + S * N(0, 1), so the copies differ from the start (default: 0)")
+    p.add_argument("--keep-every", type=_int_at_least(1), default=None, metavar="N",
+                   help="also keep the model's weights at step 0 and every N steps, in "
+                        "OUT/weights/step_NNNNN.pt (ckpt.pt holds only the latest)")
     p.add_argument("--out", type=_folder, required=True, help="folder for log.json and ckpt.pt")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -134,7 +155,7 @@ def _flags_for(config: dict) -> str | None:
     if not isinstance(seed, int) or not isinstance(steps, int) or seed < 0 or steps < 1:
         return None
     for preset in PRESETS:
-        for variant in VARIANTS:
+        for variant in ALL_VARIANTS:
             cfg = make_config(preset, variant, seed=seed, steps=steps)
             if not config_differences(config, cfg.to_dict()):
                 return f"--config {preset} --variant {variant} --seed {seed}"
@@ -210,6 +231,19 @@ def main(argv: list[str] | None = None) -> dict:
         replaced = check_out(args, cfg)
     except ValueError as e:
         p.error(str(e))
+    init = None
+    if args.upcycle_noise and args.init_from is None:
+        p.error("--upcycle-noise needs --init-from")
+    if args.init_from is not None or args.keep_every is not None:
+        if args.ep is not None:
+            p.error("--init-from and --keep-every work without --ep only")
+    if args.init_from is not None and not args.resume:
+        from moe_lab.upcycle import initializer
+
+        try:
+            init = initializer(args.init_from, noise_std=args.upcycle_noise, seed=args.seed)
+        except (OSError, ValueError) as e:
+            p.error(f"--init-from {args.init_from}: {e}")
     if rank == 0:
         for path in replaced:  # --overwrite: the old run goes before the new one starts
             path.unlink()
@@ -217,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(max_code_bytes=cfg.max_code_bytes)
     if args.ep is None:
-        model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus)
+        model, log = train(cfg, out=args.out, resume=args.resume, corpus=corpus, init=init,
+                           keep_every=args.keep_every or 0)
     elif _torchrun():
         model, log = _torchrun_rank(args, cfg, corpus)
         if model is None:
@@ -237,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.model.moe is not None:
         log["routing_by_kind"] = routing_by_kind(model, corpus, cfg).tolist()
     log["command"] = f"{PROG} {shlex.join(argv)}"
+    if args.init_from is not None:
+        log["init_from"] = {"file": args.init_from, "upcycle_noise": args.upcycle_noise}
     log["variant"], log["preset"] = args.variant, args.config
     Path(args.out, "log.json").write_text(json.dumps(log, indent=1))
     return log

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,8 +115,16 @@ def train(
     corpus: Corpus | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    init: Callable[[TinyLM], None] | None = None,
+    keep_every: int = 0,
 ) -> tuple[TinyLM, dict]:
     """Train ``cfg.steps`` steps (or up to ``stop_at``); returns (model, log).
+
+    ``init(model)``, when given, changes the freshly built model's weights in place before the
+    optimizer sees them: a run that starts from another run's weights (``--init-from``, e.g.
+    a dense model upcycled to an MoE). ``keep_every`` > 0 (with ``out``) also writes the
+    model's weights alone to ``out/weights/step_NNNNN.pt`` at step 0 and every ``keep_every``
+    steps: snapshots for studying a run over training, which ``ckpt.pt`` overwrites.
 
     ``dtype`` (e.g. ``torch.float64``) converts the model after it is built: for equivalence
     checks to round-off; a checkpoint does not record it, so resume with the same ``dtype``.
@@ -129,9 +139,15 @@ def train(
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     corpus = corpus if corpus is not None else load_corpus(max_code_bytes=cfg.max_code_bytes)
     torch.manual_seed(cfg.seed)
+    if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 0:
+        raise ValueError(f"keep_every must be an int >= 0, got {keep_every!r}")
+    if keep_every and out is None:
+        raise ValueError("keep_every needs an output folder (out=...)")
     model = TinyLM(cfg.model)
     if dtype is not None:
         model = model.to(dtype)
+    if init is not None:
+        init(model)
     opt = make_optimizer(model, cfg)
     total, active = count_params(model)
     log = {
@@ -163,6 +179,8 @@ def train(
         _record_resume(log, cfg, step, out / "ckpt.pt")
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     moe_blocks = [b.ffn for b in model.blocks if hasattr(b.ffn, "update_bias")]
+    if keep_every and step == 0:
+        save_weights(out / "weights" / "step_00000.pt", model)
     model.train()
     bar = tqdm(range(step, end), desc=f"train {cfg.steps} steps", disable=not progress)
     for step in bar:
@@ -208,11 +226,27 @@ def train(
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "log.json").write_text(json.dumps(log, indent=1))
+        if keep_every and done % keep_every == 0:
+            save_weights(out / "weights" / f"step_{done:05d}.pt", model)
         if out is not None and (done == end or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(out / "ckpt.pt", model, opt, cfg, done, state)
     log["machine_end"] = machine_record()
     return model, log
+
+
+def save_weights(path: Path, model: TinyLM) -> None:
+    """The model's state dict alone (no optimizer), written atomically: tmp file, then rename.
+
+    Read it back with ``torch.load(path, weights_only=True)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from moe_lab.config import MoEConfig
 from moe_lab.kernels.roofline import H100_SXM, DevicePeaks
 from moe_lab.model import KVCache, ModelConfig, TinyLM
 from moe_lab.scaling import CATALOG, GQA, MLA, Architecture
+from moe_lab.scaling.comm import Interconnect
 from moe_lab.serving import (
     LowPrecisionRouter,
     allreduce_time,
@@ -35,7 +36,6 @@ from moe_lab.serving import (
     with_moe_config,
     with_router_dtype,
 )
-from moe_lab.scaling.comm import Interconnect
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,8 +77,10 @@ def test_cached_logits_equal_the_full_forward(name):
     torch.testing.assert_close(got, full.logits, rtol=1e-12, atol=1e-12)
     if name != "dense":  # each step routes its own tokens exactly as the full pass did
         for layer in range(2):
-            steps = [p.routing[layer].indices.view(3, -1, p.routing[layer].indices.shape[-1])
-                     for p in parts]
+            steps = [
+                p.routing[layer].indices.view(3, -1, p.routing[layer].indices.shape[-1])
+                for p in parts
+            ]
             full_idx = full.routing[layer].indices.view(3, 12, -1)
             assert torch.equal(torch.cat(steps, dim=1), full_idx)
 
@@ -294,7 +296,14 @@ def test_cache_arguments_and_trace_order():
         simulate_cache("ABCA", 2)
     layer0, layer1 = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[4, 5], [6, 7]])
     assert routing_trace([layer0, layer1]) == [
-        (0, 0), (0, 1), (1, 4), (1, 5), (0, 2), (0, 3), (1, 6), (1, 7),
+        (0, 0),
+        (0, 1),
+        (1, 4),
+        (1, 5),
+        (0, 2),
+        (0, 3),
+        (1, 6),
+        (1, 7),
     ]
 
 
@@ -385,18 +394,32 @@ def test_low_precision_router():
 # ---- serving layouts ----------------------------------------------------------------------
 
 
-NET = Interconnect(name="test", nvlink_GBps=100.0, rdma_GBps=10.0, gpus_per_node=4,
-                   latency_us=10.0)
+NET = Interconnect(name="test", nvlink_GBps=100.0, rdma_GBps=10.0, gpus_per_node=4, latency_us=10.0)
 
 
 def toy_arch(attention) -> Architecture:
-    return Architecture(n_layers=2, d_model=8, vocab_size=16, attention=attention,
-                        n_routed_experts=4, top_k=2, d_ff_expert=4)
+    return Architecture(
+        n_layers=2,
+        d_model=8,
+        vocab_size=16,
+        attention=attention,
+        n_routed_experts=4,
+        top_k=2,
+        d_ff_expert=4,
+    )
 
 
 def test_layouts_by_hand():
-    m = toy_arch(MLA(n_heads=2, q_lora_rank=None, kv_lora_rank=4, qk_nope_head_dim=2,
-                     qk_rope_head_dim=2, v_head_dim=2))
+    m = toy_arch(
+        MLA(
+            n_heads=2,
+            q_lora_rank=None,
+            kv_lora_rank=4,
+            qk_nope_head_dim=2,
+            qk_rope_head_dim=2,
+            v_head_dim=2,
+        )
+    )
     expert = 3 * 8 * 4
     routed = 2 * 4 * expert  # layers x experts x weights
     total = m.vocab_size * m.d_model * 2 + 2 * (m.attention.params(8) + 2 * 8 + 8 * 4)
@@ -417,3 +440,44 @@ def test_layouts_by_hand():
     with pytest.raises(ValueError, match="node"):
         tp_layout(m, tp=8, batch=1, context_len=1, net=NET)
     assert ep_layout(m, ep=1, batch_per_gpu=1, context_len=1, net=NET).comm_s == 0.0
+
+
+# ---- exported weights ---------------------------------------------------------------------
+
+
+def test_export_and_load_round_trip(tmp_path):
+    import json
+
+    from moe_lab.serving.weights import SERVING_DIR, export_run, load_model
+    from moe_lab.train import make_config
+    from moe_lab.train.checkpoint import write_checkpoint
+
+    cfg = make_config("short", "moe8", seed=0)
+    torch.manual_seed(0)
+    model = TinyLM(cfg.model)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_checkpoint(run / "ckpt.pt", cfg, 3, model.state_dict(), {}, {})
+    (run / "log.json").write_text(
+        json.dumps(
+            {
+                "command": "python -m moe_lab.train --config short --variant moe8 --seed 0 --out x",
+                "evals": [{"val_loss": 1.5}],
+                "machine_start": {},
+                "machine_end": {},
+            }
+        )
+    )
+    rec = export_run(run, tmp_path / "out" / "m", command="test")
+    assert rec["steps"] == 3 and rec["final_val_loss"] == 1.5
+    loaded = load_model(tmp_path / "out" / "m.json")
+    assert not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    pt = tmp_path / "out" / "m.pt"
+    pt.write_bytes(pt.read_bytes() + b"x")  # any change to the file is refused
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_model(tmp_path / "out" / "m.json")
+    committed = load_model("tinylm_long_moe8_s0")  # the chapter's model, by name
+    assert committed.cfg == make_config("long", "moe8").model
+    assert (SERVING_DIR / "tinylm_long_dense_s0.json").is_file()

@@ -220,6 +220,106 @@ def run_loop(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tenso
     return _ExpertLoop.apply(x_ND.contiguous(), *weights, sizes, experts.w_gate is not None)
 
 
+class _RoutedLoop(torch.autograd.Function):
+    """The loop backend fused with the sort dispatcher's gather and combine: for each expert,
+    gather its tokens' rows of x, run its FFN, and add the weighted output straight into y.
+
+    Each expert's gathered block (a few hundred rows) stays in cache between the gather and
+    its matmuls, so nothing of size (T*k, D) is ever written: no permuted copy of x, no
+    permuted output, in the forward or the backward. What is saved for the backward is the
+    hidden activations (T*k, F), as for a dense FFN of the same active size. The routing
+    weights' gradient, <h_n W_down, g_t>, is the row-wise dot of h with g W_down^T, which the
+    backward needs anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_N, w_gate, w_up, w_down, token_of_N, sizes, swiglu):
+        N = token_of_N.numel()
+        up_NF = x_TD.new_empty(N, w_up.shape[-1])
+        gate_NF = torch.empty_like(up_NF) if swiglu else None
+        y_TD = torch.zeros_like(x_TD)
+        start = 0
+        for e, n in enumerate(sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:
+                continue
+            tok_n = token_of_N[rows]
+            x_nD = x_TD.index_select(0, tok_n)
+            torch.mm(x_nD, w_up[e], out=up_NF[rows])
+            if swiglu:
+                torch.mm(x_nD, w_gate[e], out=gate_NF[rows])
+                h_nF = F.silu(gate_NF[rows]).mul_(up_NF[rows])
+            else:
+                h_nF = F.gelu(up_NF[rows])
+            out_nD = (h_nF @ w_down[e]).mul_(w_N[rows].unsqueeze(-1))
+            y_TD.index_add_(0, tok_n, out_nD)
+        ctx.save_for_backward(x_TD, w_N, w_gate, w_up, w_down, token_of_N, gate_NF, up_NF)
+        ctx.sizes, ctx.swiglu = sizes, swiglu
+        return y_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TD):
+        x_TD, w_N, w_gate, w_up, w_down, token_of_N, gate_NF, up_NF = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_TD = g_TD.contiguous()
+        gx_TD = torch.zeros_like(x_TD) if need_x else None
+        gw_N = torch.empty_like(w_N) if need_w else None
+        g_wup, g_wdown = torch.empty_like(w_up), torch.empty_like(w_down)
+        g_wgate = torch.empty_like(w_gate) if ctx.swiglu else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:  # an idle expert's weights get a zero gradient
+                for g_w in (g_wup, g_wdown, g_wgate):
+                    if g_w is not None:
+                        g_w[e].zero_()
+                continue
+            tok_n = token_of_N[rows]
+            x_nD, g_nD = x_TD.index_select(0, tok_n), g_TD.index_select(0, tok_n)
+            up_nF, w_n1 = up_NF[rows], w_N[rows].unsqueeze(-1)
+            if ctx.swiglu:
+                gate_nF = gate_NF[rows]
+                act_nF = F.silu(gate_nF)
+                h_nF = act_nF * up_nF
+            else:
+                h_nF = F.gelu(up_nF)
+            gh_nF = g_nD @ w_down[e].t()  # the gradient of h W_down, before the weight
+            if need_w:
+                torch.sum(h_nF * gh_nF, dim=-1, out=gw_N[rows])
+            torch.mm(h_nF.t(), g_nD.mul_(w_n1), out=g_wdown[e])
+            gh_nF.mul_(w_n1)
+            if ctx.swiglu:
+                gup_nF = gh_nF * act_nF
+                ggate_nF = torch.ops.aten.silu_backward(gh_nF.mul_(up_nF), gate_nF)
+                torch.mm(x_nD.t(), ggate_nF, out=g_wgate[e])
+            else:
+                gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
+            torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
+            if need_x:
+                gx_nD = gup_nF @ w_up[e].t()
+                if ctx.swiglu:
+                    gx_nD.addmm_(ggate_nF, w_gate[e].t())
+                gx_TD.index_add_(0, tok_n, gx_nD)
+        return gx_TD, gw_N, g_wgate, g_wup, g_wdown, None, None, None
+
+
+def run_loop_routed(experts, x_TD, token_of_N, w_N, counts_E) -> torch.Tensor:
+    """y_TD[t] = sum over rows n of token t of w_N[n] * Expert_e(n)(x_TD[t]), for rows sorted by
+    expert (``counts_E[e]`` rows for expert e, ``token_of_N[n]`` the token of row n): the loop
+    backend with the gather and the combine fused in (``_RoutedLoop``)."""
+    sizes = [int(c) for c in counts_E.tolist()]  # host sync: the split sizes
+    weights = (experts.w_gate, experts.w_up, experts.w_down)
+    if torch.is_autocast_enabled(x_TD.device.type):  # as run_loop: mm(out=) ignores autocast
+        dt = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w_N = x_TD.to(dt), w_N.to(dt)
+        weights = tuple(w.to(dt) if w is not None else None for w in weights)
+    return _RoutedLoop.apply(x_TD.contiguous(), w_N.contiguous(), *weights, token_of_N, sizes,
+                             experts.w_gate is not None)
+
+
 def _run_mm(mm: GroupedMM):
     def run(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         gate = mm(x_ND, experts.w_gate, counts_E) if experts.w_gate is not None else None

@@ -109,15 +109,32 @@ class Experts(nn.Module):
 
         Runs the module's backend (or ``backend``, one of ``moe_lab.backends.BACKENDS``).
         """
-        backend = self.backend if backend is None else backend
         if x_ND.shape[0] == 0:
             return x_ND.new_zeros(x_ND.shape)
+        backend = self.resolve_backend(x_ND, counts_E, backend)
+        return backends.RUNNERS[backend](self, x_ND, counts_E)
+
+    def resolve_backend(
+        self, x: torch.Tensor, counts_E: torch.Tensor, backend: str | None = None
+    ) -> str:
+        """The backend a call on rows like ``x`` runs: ``backend``, else the module's; "auto"
+        resolved by ``backends.choose_auto`` and recorded in ``last_backend``."""
+        backend = self.backend if backend is None else backend
         if backend == "auto":
-            backend = backends.choose_auto(self, x_ND, counts_E)
+            backend = backends.choose_auto(self, x, counts_E)
             self.last_backend = backend
         else:
             check_choice("backend", backend, backends.BACKENDS)
-        return backends.RUNNERS[backend](self, x_ND, counts_E)
+        return backend
+
+    def forward_routed(
+        self, x_TD: torch.Tensor, token_of_N: torch.Tensor, w_N: torch.Tensor,
+        counts_E: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gather, run and combine in one pass, for the loop backend: rows n sorted by expert
+        (``counts_E[e]`` of them for expert e) of tokens ``token_of_N``, mixed back with weights
+        ``w_N``: (T, D) -> (T, D), with no (T*k, D) buffer (``backends.run_loop_routed``)."""
+        return backends.run_loop_routed(self, x_TD, token_of_N, w_N, counts_E)
 
     def slice(self, first: int, num: int) -> Experts:
         """A new module holding copies of experts [first, first + num): one rank's shard."""

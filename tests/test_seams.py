@@ -71,12 +71,24 @@ def test_every_pair_equals_the_float64_reference(impl, backend, router, cf, acti
 
 
 class FakeExperts:
-    """Expert e multiplies its rows by (e + 1): any misrouted row shows in the output."""
+    """Expert e multiplies its rows by (e + 1): any misrouted row shows in the output.
 
-    backend, last_backend = "loop", None
+    ``backend="loop"`` takes the sort dispatcher's fused path (``forward_routed``); any other
+    name its gather / ``forward_sorted`` / combine path.
+    """
 
-    def __init__(self, num_experts):
-        self.num_experts = num_experts
+    last_backend = None
+
+    def __init__(self, num_experts, backend="loop"):
+        self.num_experts, self.backend = num_experts, backend
+
+    def resolve_backend(self, x, counts_E, backend=None):
+        return self.backend if backend is None else backend
+
+    def forward_routed(self, x_TD, token_of_N, w_N, counts_E):
+        scale_N = torch.repeat_interleave(torch.arange(1, self.num_experts + 1), counts_E)
+        h_ND = x_TD[token_of_N] * (scale_N.to(x_TD.dtype) * w_N).unsqueeze(1)
+        return torch.zeros_like(x_TD).index_add(0, token_of_N, h_ND)
 
     def forward_expert(self, e, x_ND):
         return x_ND * (e + 1)
@@ -84,7 +96,7 @@ class FakeExperts:
     def forward_batched(self, x_ECD):
         return x_ECD * torch.arange(1, self.num_experts + 1, dtype=x_ECD.dtype)[:, None, None]
 
-    def forward_sorted(self, x_ND, counts_E):
+    def forward_sorted(self, x_ND, counts_E, backend=None):
         scale_N = torch.repeat_interleave(torch.arange(1, self.num_experts + 1), counts_E)
         return x_ND * scale_N.to(x_ND.dtype).unsqueeze(1)
 
@@ -104,16 +116,18 @@ def fixed_decision(keep: bool) -> RoutingDecision:
                            torch.zeros(3, dtype=torch.long), zero, zero)
 
 
+@pytest.mark.parametrize("fake_backend", ["loop", "other"])
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("name", ["loop", "einsum", "sort"])
-def test_each_dispatcher_alone_with_fake_experts(name, keep):
+def test_each_dispatcher_alone_with_fake_experts(name, keep, fake_backend):
     x = torch.arange(8, dtype=torch.float64).view(4, 2) + 1
     r = fixed_decision(keep)
     scale = (r.indices_Tk + 1).double() * r.weights_Tk
     if keep:
         scale = scale * r.keep_Tk
     want = x * scale.sum(1, keepdim=True)
-    torch.testing.assert_close(make_dispatcher(name)(x, r, FakeExperts(3)), want)
+    experts = FakeExperts(3, backend=fake_backend)
+    torch.testing.assert_close(make_dispatcher(name)(x, r, experts), want)
 
 
 def test_losses_match_their_formulas():
@@ -192,3 +206,29 @@ def test_expert_choice_counts_unrouted_tokens_not_drops():
     assert int(out.unrouted) == int(never.sum()) > 0
     assert (out.y[never] == 0).all()
     assert out.tokens_per_expert.tolist() == [2, 2, 2]  # C = ceil(0.5 * 12 / 3)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_loop_gradients_when_only_some_inputs_need_them(activation, input_grad):
+    """The sort dispatcher's fused loop path skips the input's gradient when x needs none, and
+    still gives the router and the experts theirs, equal to the unfused (bmm) path."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(d_model=6, d_ff=10, num_experts=4, top_k=2, activation=activation,
+                    impl="sort", backend="loop")
+    fused = MoE(cfg).double()
+    plain = MoE(dataclasses.replace(cfg, backend="bmm")).double()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(20, 6, dtype=torch.float64)
+    grads = []
+    for moe in (fused, plain):
+        xi = x.clone().requires_grad_(input_grad)
+        moe.zero_grad()
+        (moe(xi).y ** 2).sum().backward()
+        grads.append([p.grad for p in moe.parameters()] + [xi.grad])
+    assert (grads[0][-1] is None) == (not input_grad)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b)

@@ -140,6 +140,47 @@ def run_bmm(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor
     return _UnpadRows.apply(experts.forward_batched(x_ECD), rows_EC, pos_N, valid_EC)
 
 
+def _expert_backward(e, x_nD, g_nD, gate_nF, up_nF, weights, grads, *, w_n1=None, gw_n=None,
+                     gx_out=None):
+    """One expert's backward on its n rows, shared by both loop nodes: writes the weights'
+    gradients into ``grads[i][e]`` and returns x's (into ``gx_out`` when given).
+
+    With routing weights ``w_n1`` (n, 1) the rows' output was scaled by them: g is scaled too,
+    and ``gw_n`` receives their gradient, the row-wise dot of h with g W_down^T.
+    """
+    (w_gate, w_up, w_down), (g_wgate, g_wup, g_wdown) = weights, grads
+    swiglu = gate_nF is not None
+    if swiglu:
+        act_nF = F.silu(gate_nF)
+        h_nF = act_nF * up_nF
+    else:
+        h_nF = F.gelu(up_nF)
+    gh_nF = g_nD @ w_down[e].t()
+    if w_n1 is not None:
+        if gw_n is not None:
+            torch.sum(h_nF * gh_nF, dim=-1, out=gw_n)
+        g_nD, gh_nF = g_nD * w_n1, gh_nF.mul_(w_n1)
+    torch.mm(h_nF.t(), g_nD, out=g_wdown[e])
+    if swiglu:
+        gup_nF = gh_nF * act_nF
+        ggate_nF = torch.ops.aten.silu_backward(gh_nF.mul_(up_nF), gate_nF)
+        torch.mm(x_nD.t(), ggate_nF, out=g_wgate[e])
+    else:
+        gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
+    torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
+    gx_nD = torch.mm(gup_nF, w_up[e].t(), out=gx_out)
+    if swiglu:
+        gx_nD.addmm_(ggate_nF, w_gate[e].t())
+    return gx_nD
+
+
+def _zero_idle(e, grads) -> None:
+    """An expert with no rows gets a zero gradient for each of its weights."""
+    for g_w in grads:
+        if g_w is not None:
+            g_w[e].zero_()
+
+
 class _ExpertLoop(torch.autograd.Function):
     """Every expert's FFN on its contiguous block of rows, one set of matmuls per expert,
     each writing into one preallocated output; the backward likewise writes each expert's
@@ -175,36 +216,19 @@ class _ExpertLoop(torch.autograd.Function):
         x_ND, w_gate, w_up, w_down, gate_NF, up_NF = ctx.saved_tensors
         g_ND = g_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)  # every row belongs to one expert: all written below
-        g_wup, g_wdown = torch.empty_like(w_up), torch.empty_like(w_down)
-        g_wgate = torch.empty_like(w_gate) if ctx.swiglu else None
+        grads = (torch.empty_like(w_gate) if ctx.swiglu else None, torch.empty_like(w_up),
+                 torch.empty_like(w_down))
         start = 0
         for e, n in enumerate(ctx.sizes):
             rows = slice(start, start + n)
             start += n
-            if n == 0:  # an idle expert's weights get a zero gradient
-                for g_w in (g_wup, g_wdown, g_wgate):
-                    if g_w is not None:
-                        g_w[e].zero_()
+            if n == 0:
+                _zero_idle(e, grads)
                 continue
-            x_nD, gy_nD, up_nF = x_ND[rows], g_ND[rows], up_NF[rows]
-            gh_nF = gy_nD @ w_down[e].t()
-            if ctx.swiglu:
-                gate_nF = gate_NF[rows]
-                act_nF = F.silu(gate_nF)
-                torch.mm((act_nF * up_nF).t(), gy_nD, out=g_wdown[e])
-                gup_nF = gh_nF * act_nF
-                ggate_nF = torch.ops.aten.silu_backward(gh_nF * up_nF, gate_nF)
-                torch.mm(x_nD.t(), ggate_nF, out=g_wgate[e])
-                torch.mm(ggate_nF, w_gate[e].t(), out=gx_ND[rows])
-            else:
-                torch.mm(F.gelu(up_nF).t(), gy_nD, out=g_wdown[e])
-                gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
-            torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
-            if ctx.swiglu:  # the gate's share is already in gx
-                gx_ND[rows].addmm_(gup_nF, w_up[e].t())
-            else:
-                torch.mm(gup_nF, w_up[e].t(), out=gx_ND[rows])
-        return gx_ND, g_wgate, g_wup, g_wdown, None, None
+            gate_nF = gate_NF[rows] if ctx.swiglu else None
+            _expert_backward(e, x_ND[rows], g_ND[rows], gate_nF, up_NF[rows],
+                             (w_gate, w_up, w_down), grads, gx_out=gx_ND[rows])
+        return gx_ND, *grads, None, None
 
 
 def run_loop(experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -266,44 +290,25 @@ class _RoutedLoop(torch.autograd.Function):
         g_TD = g_TD.contiguous()
         gx_TD = torch.zeros_like(x_TD) if need_x else None
         gw_N = torch.empty_like(w_N) if need_w else None
-        g_wup, g_wdown = torch.empty_like(w_up), torch.empty_like(w_down)
-        g_wgate = torch.empty_like(w_gate) if ctx.swiglu else None
+        grads = (torch.empty_like(w_gate) if ctx.swiglu else None, torch.empty_like(w_up),
+                 torch.empty_like(w_down))
         start = 0
         for e, n in enumerate(ctx.sizes):
             rows = slice(start, start + n)
             start += n
-            if n == 0:  # an idle expert's weights get a zero gradient
-                for g_w in (g_wup, g_wdown, g_wgate):
-                    if g_w is not None:
-                        g_w[e].zero_()
+            if n == 0:
+                _zero_idle(e, grads)
                 continue
             tok_n = token_of_N[rows]
-            x_nD, g_nD = x_TD.index_select(0, tok_n), g_TD.index_select(0, tok_n)
-            up_nF, w_n1 = up_NF[rows], w_N[rows].unsqueeze(-1)
-            if ctx.swiglu:
-                gate_nF = gate_NF[rows]
-                act_nF = F.silu(gate_nF)
-                h_nF = act_nF * up_nF
-            else:
-                h_nF = F.gelu(up_nF)
-            gh_nF = g_nD @ w_down[e].t()  # the gradient of h W_down, before the weight
-            if need_w:
-                torch.sum(h_nF * gh_nF, dim=-1, out=gw_N[rows])
-            torch.mm(h_nF.t(), g_nD.mul_(w_n1), out=g_wdown[e])
-            gh_nF.mul_(w_n1)
-            if ctx.swiglu:
-                gup_nF = gh_nF * act_nF
-                ggate_nF = torch.ops.aten.silu_backward(gh_nF.mul_(up_nF), gate_nF)
-                torch.mm(x_nD.t(), ggate_nF, out=g_wgate[e])
-            else:
-                gup_nF = torch.ops.aten.gelu_backward(gh_nF, up_nF)
-            torch.mm(x_nD.t(), gup_nF, out=g_wup[e])
+            gate_nF = gate_NF[rows] if ctx.swiglu else None
+            gx_nD = _expert_backward(
+                e, x_TD.index_select(0, tok_n), g_TD.index_select(0, tok_n), gate_nF,
+                up_NF[rows], (w_gate, w_up, w_down), grads, w_n1=w_N[rows].unsqueeze(-1),
+                gw_n=gw_N[rows] if need_w else None,
+            )
             if need_x:
-                gx_nD = gup_nF @ w_up[e].t()
-                if ctx.swiglu:
-                    gx_nD.addmm_(ggate_nF, w_gate[e].t())
                 gx_TD.index_add_(0, tok_n, gx_nD)
-        return gx_TD, gw_N, g_wgate, g_wup, g_wdown, None, None, None
+        return gx_TD, gw_N, *grads, None, None, None
 
 
 def run_loop_routed(experts, x_TD, token_of_N, w_N, counts_E) -> torch.Tensor:

@@ -47,7 +47,8 @@ class LocalDispatcher:
 
     def __call__(self, x_TD, routing: RoutingDecision, experts: Experts) -> torch.Tensor:
         return self.dispatch(x_TD, routing.weights_Tk.to(x_TD.dtype), routing.indices_Tk,
-                             routing.keep_Tk, experts, capacity=routing.capacity)
+                             routing.keep_Tk, experts, capacity=routing.capacity,
+                             counts_E=routing.tokens_per_expert)
 
     def reduce_load(self, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return tokens_per_expert
@@ -56,7 +57,8 @@ class LocalDispatcher:
         return f"{type(self).__name__}()"
 
 
-def dispatch_loop(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None):
+def dispatch_loop(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None,
+                  counts_E=None):
     """Per-expert loop: for each expert, the (token, slot) pairs routed to it."""
     y_TD = torch.zeros_like(x_TD)
     selected_Tk = indices_Tk if keep_Tk is None else indices_Tk.masked_fill(~keep_Tk, -1)
@@ -69,10 +71,12 @@ def dispatch_loop(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capac
     return y_TD
 
 
-def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None):
+def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None,
+                    counts_E=None):
     """GShard: one-hot dispatch (T, E, C) in, batched experts, weighted combine (T, E, C) out.
 
-    With capacity=None (dropless), C is the busiest expert's load, so nothing is dropped.
+    With capacity=None (dropless), C is the busiest expert's load (``counts_E``, the routing's
+    kept assignments per expert, when given), so nothing is dropped.
     """
     T, k = indices_Tk.shape
     E = experts.num_experts
@@ -82,7 +86,8 @@ def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, cap
     else:  # slots among the kept assignments only (unkept ones queue in a bin of their own)
         pos_Tk = expert_positions(indices_Tk.masked_fill(~keep_Tk, E), E + 1)
     if capacity is None:  # host sync: the busiest expert's load sizes the slab
-        capacity = int(expert_counts(indices_Tk, E).max())
+        counts_E = expert_counts(indices_Tk, E) if counts_E is None else counts_E
+        capacity = int(counts_E.max())
     C = capacity
     # Every (token, slot) writes its one-hot entry; an unkept one writes 0 to a clamped slot
     # (a token names each expert at most once, so it cannot land on a kept entry). Static
@@ -106,18 +111,21 @@ def dispatch_einsum(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, cap
     return torch.einsum("tec,ecd->td", combine_TEC, h_ECD)
 
 
-def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts: int):
+def permute(indices_Tk: torch.Tensor, keep_Tk: torch.Tensor | None, num_experts: int,
+            counts_E: torch.Tensor | None = None):
     """Sort the kept assignments by expert (stable): returns (order, token_of, counts_E).
 
     ``order`` indexes the flattened (T*k,) assignments; ``token_of[i]`` is the token of the i-th
-    sorted assignment; ``counts_E[e]`` how many sorted rows belong to expert e.
+    sorted assignment; ``counts_E[e]`` how many sorted rows belong to expert e (counted here
+    unless the routing's own count of kept assignments is passed in).
     """
     k = indices_Tk.shape[1]
     flat_e = indices_Tk.reshape(-1)  # (T*k,) token-major
     if keep_Tk is not None:
         flat_e = flat_e.masked_fill(~keep_Tk.reshape(-1), num_experts)  # dropped sort last
     order = torch.argsort(flat_e, stable=True)
-    counts_E = expert_counts(flat_e, num_experts)  # dropped ones sit in bin E, not counted
+    if counts_E is None:  # dropped ones sit in bin E, not counted
+        counts_E = expert_counts(flat_e, num_experts)
     if keep_Tk is not None:
         order = order[: int(counts_E.sum())]
     return order, order // k, counts_E
@@ -166,14 +174,15 @@ def combine(x_TD, h_ND, token_of_N, w_N):
     return torch.zeros_like(x_TD).index_add(0, token_of_N, h_ND * w_N.unsqueeze(-1))
 
 
-def dispatch_sort(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None):
+def dispatch_sort(x_TD, weights_Tk, indices_Tk, keep_Tk, experts: Experts, capacity=None,
+                  counts_E=None):
     """Sort-and-permute: one gather, contiguous per-expert blocks, one weighted scatter-add.
 
     With the loop backend the three are fused per expert (``Experts.forward_routed``): each
     expert gathers its own rows and adds its weighted output into y, so no (T*k, D) buffer is
     written; that measured fastest on CPU at every shape of the granularity sweep.
     """
-    order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts)
+    order, token_of, counts_E = permute(indices_Tk, keep_Tk, experts.num_experts, counts_E)
     backend = experts.resolve_backend(x_TD, counts_E)
     if backend == "loop":
         w_N = weights_Tk.reshape(-1).index_select(0, order)

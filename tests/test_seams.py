@@ -111,9 +111,11 @@ def fixed_decision(keep: bool) -> RoutingDecision:
         keep_Tk = torch.ones(4, 2, dtype=torch.bool)
         keep_Tk[1, 0] = False
     zero = torch.zeros((), dtype=torch.long)
+    kept = indices if keep_Tk is None else indices[keep_Tk]
+    counts = torch.bincount(kept.reshape(-1), minlength=3)  # the kept assignments per expert
     return RoutingDecision(weights, indices, keep_Tk, 4 if keep else None,
                            torch.zeros(4, 3), torch.zeros(4, 3), zero.double(), zero.double(),
-                           torch.zeros(3, dtype=torch.long), zero, zero)
+                           counts, zero, zero)
 
 
 @pytest.mark.parametrize("fake_backend", ["loop", "other"])

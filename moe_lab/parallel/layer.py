@@ -70,7 +70,8 @@ class AllToAllDispatcher:
     def __call__(self, x_TD, routing: RoutingDecision, experts: Experts) -> torch.Tensor:
         W, E, El = self.world_size, self.num_experts, experts.num_experts
         # Sorted by global expert id = grouped by destination rank, then by its local expert.
-        order_N, token_of_N, counts_E = permute(routing.indices_Tk, routing.keep_Tk, E)
+        order_N, token_of_N, counts_E = permute(routing.indices_Tk, routing.keep_Tk, E,
+                                            routing.tokens_per_expert)
         send_WEl = counts_E.view(W, El)
         recv_WEl = exchange_counts(send_WEl, self.group)  # row s: rows rank s sends us
         send_rows = [int(c) for c in send_WEl.sum(1).tolist()]

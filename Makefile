@@ -1,4 +1,5 @@
-# MoE Lab: `make book` builds the executed book into _build/html; `make test` runs every test;
+# MoE Lab: `make book` builds the executed book, English into _build/html and Chinese into
+# _build/html/zh (each chapter executed once); `make test` runs every test;
 # `make check` is the contributors' fast loop (lint + unit and property tests, no npm, no browser).
 # Each does its own set-up: a venv from requirements.txt with moe_lab installed in it; `make book`
 # and `make test` also fetch the self-hosted page assets (MathJax, require.js, the widget manager)
@@ -13,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 # Executed chapters must use the kernel's inline backend; a forced MPLBACKEND drops their figures.
 unexport MPLBACKEND
 
-.PHONY: setup assets browser book test check lint lab clean
+.PHONY: setup assets browser book locale test check lint lab clean
 
 setup: $(STAMP)
 
@@ -81,8 +82,18 @@ browser:
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null
 	@command -v chromium >/dev/null || { echo "make browser: chromium is still not on PATH" >&2; exit 1; }
 
+# Both editions from the same sources, with `-W --keep-going --all`: English into _build/html,
+# executing every chapter once (MyST-NB's execution cache, emptied first), then Chinese from the
+# catalogs under locale/ into _build/html/zh, taking each chapter's outputs from that cache.
 book: setup assets
-	$(VENV)/bin/jupyter-book build . -W --keep-going
+	$(PY) tools/book_editions.py build
+
+# Update the Chinese catalogs from the English sources: the gettext builder, with no notebook
+# executed, writes .pot files; babel merges them into locale/zh_CN/LC_MESSAGES/book/*.po (new
+# messages added, changed ones fuzzy with the old translation kept, removed ones obsolete) and
+# starts a catalog for a new page.
+locale: setup
+	$(PY) tools/locale_tools.py update
 
 test: setup assets browser
 	$(PY) -m pytest
@@ -98,7 +109,7 @@ check: lint
 	$(PY) -m pytest -m "not slow" $(CHECK_DESELECT)
 
 lint: setup
-	$(VENV)/bin/ruff check moe_lab tests benchmarks
+	$(VENV)/bin/ruff check moe_lab tests benchmarks tools book/_ext
 
 # JupyterLab for `make lab`, pinned like everything else (jupytext, in requirements.txt, lets it
 # open the chapters' .md files as notebooks).

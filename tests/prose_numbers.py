@@ -150,7 +150,12 @@ def allowed(value: str, unit: str, before: str, constants: set[int]) -> bool:
     if v in SMALL_INTEGERS or v in POWERS_OF_TWO or v in YEARS or v in constants:
         return True
     word = re.findall(r"([A-Za-z]+)\W*$", before)
-    return bool(word) and word[0].lower() in NUMBERED_THINGS
+    if bool(word) and word[0].lower() in NUMBERED_THINGS:
+        return True
+    # the later numbers of a list of labels: "chapters 9 to 11", "exercises 2, 3 and 12"
+    sep = r"\s*(?:,|and|or|to|-|–)\s*"
+    listed = re.search(rf"([A-Za-z]+)\s+\d+(?:{sep}\d+)*{sep}$", before)
+    return bool(listed) and listed.group(1).lower() in NUMBERED_THINGS
 
 
 def find_hand_numbers(text: str, constants: set[int] | None = None) -> list[Finding]:

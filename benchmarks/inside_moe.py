@@ -2,8 +2,20 @@
 
     python benchmarks/inside_moe.py --runs runs/inside --out benchmarks/results/inside
 
-reads the runs that ``runs/inside/lanes.sh``-style commands wrote (each log records its own
-``python -m moe_lab.train ...`` command) and writes, into ``--out``:
+reads the runs these commands wrote (one thread each; each log records its own command; the
+continuations need their dense run's ``ckpt.pt`` first), for S in 0 and 1:
+
+    T="python -m moe_lab.train --config long --threads 1"
+    $T --variant moe8 --seed 0 --keep-every 50 --out runs/inside/moe8_s0
+    $T --variant dense --seed S --out runs/inside/dense_sS
+    $T --variant dense --seed 1S --steps 500 --init-from runs/inside/dense_sS/ckpt.pt \
+       --out runs/inside/dense_cont_sS
+    $T --variant up8 --seed 1S --steps 500 --init-from runs/inside/dense_sS/ckpt.pt \
+       --out runs/inside/up8_cont_sS
+    $T --variant up8 --seed S --steps 1500 --out runs/inside/up8_scratch_sS
+
+(the continuations' seeds, 10 and 11, give them other batches than their dense run saw), and writes,
+into ``--out``:
 
 - ``log_<run>.json``: each run's training log, as written (its ``command`` reruns it);
 - ``traces_moe8_s0.npz``: the top-k experts of every token of a fixed quarter of the validation

@@ -1,16 +1,23 @@
-"""Open every page of the built book in headless Chromium and check what a reader sees.
+"""Open every page of the built book, both editions, in headless Chromium and check what a
+reader sees.
 
 Each page must load with no console error and no request leaving localhost, with its math
-typeset by the self-hosted MathJax, every image loaded, every saved widget rendered, and every
-internal link pointing at a page and anchor that exist. A screenshot of each page is saved under
-_build/screenshots/.
+typeset by the self-hosted MathJax, every image loaded, every saved widget rendered, every
+internal link pointing at a page and anchor that exist, and a link to the same page in the other
+language edition (English at the root, Chinese under zh/). On Chinese pages the Chinese text must
+be drawn in a real CJK font, not as tofu (see `cjk_problems`). A screenshot of each page is saved
+under _build/screenshots/.
 
-By default the book is built from the current sources first, with `jupyter-book build . -W
---keep-going` as `make book` runs it, except that each chapter is the notebook already executed
-once in this test session (tests/chapters.py: `executed`), so no chapter runs twice; set
-MOE_LAB_REUSE_HTML=1 to check an existing, fresh _build/html (from `make book`) instead.
+By default the book is built from the current sources first, both editions with `-W
+--keep-going` as `make book` builds them (tools/book_editions.py), except that each chapter is
+the notebook already executed once in this test session (tests/chapters.py: `executed`), so no
+chapter runs twice; set MOE_LAB_REUSE_HTML=1 to check an existing, fresh _build/html (from `make
+book`, with its zh/) instead.
 A second, one-page book built in a temporary folder from this file's FIXTURE page (math, a
-matplotlib figure, widgets) checks the offline machinery itself, whatever the chapters contain.
+matplotlib figure, widgets) and its Chinese catalog checks the offline machinery and the second
+edition itself, whatever the chapters and catalogs contain: it is built the way `make book`
+builds, so its Chinese page must take the executed outputs and widgets from the English build's
+cache.
 Chromium comes from the system (`make browser` installs it).
 """
 
@@ -22,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -34,6 +40,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 import pytest
 
 from tests.chapters import ROOT, stage_executed_book, toc_files
+
+sys.path.insert(0, str(ROOT / "tools"))
+import book_editions  # noqa: E402
 
 # Building the whole book happens in the first test's set-up: allow more than the default 900 s.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(45 * 60)]
@@ -56,6 +65,10 @@ CHROMIUM_FLAGS = [
 CONSOLE_ALLOW: list[tuple[str, str]] = []
 # Pages Sphinx writes besides the ones in _toc.yml.
 GENERATED_PAGES = ["index.html", "genindex.html", "search.html"]
+# Where the Chinese edition lies in the site (book/_ext/language_links.py links to it).
+ZH = book_editions.FOLDERS[book_editions.CHINESE] + "/"
+# The CJK families of the Chinese pages' font stack (book/_ext/static/moe-lab-editions.css).
+EDITIONS_CSS = ROOT / "book" / "_ext" / "static" / "moe-lab-editions.css"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 WAIT_MS = 30_000
 
@@ -64,29 +77,17 @@ WAIT_MS = 30_000
 # Building and serving
 
 
-def build_book(source: Path, timeout_s: int, **env_extra: str) -> Path:
-    """Build the Jupyter Book in `source` as `make book` does, from scratch; return its HTML.
-
-    `--all` and a fresh html folder: no page or environment left from an earlier build.
-    """
-    html = source / "_build" / "html"
-    shutil.rmtree(html, ignore_errors=True)
-    jupyter_book = Path(sys.executable).with_name("jupyter-book")
+def build_site(source: Path, execute: str, **env_extra: str) -> Path:
+    """Build both editions of the book in `source` as `make book` does; return the site."""
+    shutil.rmtree(source / "_build", ignore_errors=True)
+    shutil.copytree(ROOT / "locale", source / "locale", dirs_exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("MPLBACKEND", None)  # as the Makefile does
     env.update(env_extra)
-    proc = subprocess.run(
-        [str(jupyter_book), "build", ".", "-W", "--keep-going", "--all"],
-        cwd=source,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    if proc.returncode != 0:
-        log = (proc.stdout + proc.stderr)[-6000:]
-        pytest.fail(f"book build failed (exit {proc.returncode}):\n{log}")
-    return html
+    try:
+        return book_editions.build_site(source, execute=execute, quiet=True, env=env)
+    except book_editions.BuildError as err:
+        pytest.fail(f"book build failed: {str(err)[-6000:]}")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -125,15 +126,22 @@ def chromium() -> Iterator[object]:
 
 
 def book_pages() -> list[str]:
-    """Every HTML page the book should have, relative to _build/html, in reading order."""
+    """Every HTML page the book should have, relative to _build/html, in reading order: the
+    English edition, then the Chinese one."""
     pages = [p.relative_to(ROOT).with_suffix(".html").as_posix() for p in toc_files()]
-    return pages + GENERATED_PAGES
+    english = pages + GENERATED_PAGES
+    return english + [ZH + page for page in english]
+
+
+def counterpart(page_path: str) -> str:
+    """The same page in the other edition."""
+    return page_path[len(ZH):] if page_path.startswith(ZH) else ZH + page_path
 
 
 def built_pages(html: Path) -> list[str]:
-    skip = ("_static/", "_sources/", "_images/")
-    found = (p.relative_to(html).as_posix() for p in html.rglob("*.html"))
-    return sorted(p for p in found if not p.startswith(skip))
+    skip = {"_static", "_sources", "_images"}
+    found = (p.relative_to(html) for p in html.rglob("*.html"))
+    return sorted(p.as_posix() for p in found if not skip & set(p.parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +202,9 @@ async () => {
     }),
     readouts: Array.from(document.querySelectorAll(".widget-readout")).map((r) => r.innerText),
     links: Array.from(document.querySelectorAll("a[href]")).map((a) => a.href),
+    editionLinks: Array.from(document.querySelectorAll("a.edition-switch"))
+                       .filter(visible).map((a) => ({href: a.href, text: a.innerText.trim()})),
+    lang: document.documentElement.lang,
   };
 }
 """
@@ -208,6 +219,96 @@ WIDGETS_RENDERED_JS = """
   });
 }
 """
+
+
+# Chinese pages: find visible Chinese text, and draw a few of its characters, and two code points
+# no font has (their .notdef glyph: tofu), large, in the same font stack.
+CJK_PROBE_JS = r"""
+() => {
+  const cjk = /[\u3400-\u9fff]/;
+  const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+  const els = Array.from(document.querySelectorAll(
+      "article h1, article h2, article p, article li, .navbar-brand, a"));
+  const el = els.find((e) => visible(e) && cjk.test(e.innerText || ""));
+  if (!el) return null;
+  el.setAttribute("data-cjk-probe", "");
+  const chars = Array.from(new Set(el.innerText.match(/[\u3400-\u9fff]/g))).slice(0, 4);
+  const font = getComputedStyle(el).fontFamily;
+  const box = document.createElement("div");
+  box.style.cssText = "position:fixed;left:0;top:0;z-index:2147483647;background:#fff;color:#000";
+  [...chars, "\u0378", "\u0379"].forEach((ch, i) => {
+    const span = document.createElement("span");
+    span.id = `cjk-probe-${i}`;
+    span.textContent = ch;
+    // One per line, in a box of whole pixels: equal glyphs give equal screenshots.
+    span.style.cssText = `font-family:${font};font-size:48px;line-height:64px;display:block;` +
+                         "width:64px;height:64px;overflow:hidden;text-align:left";
+    box.appendChild(span);
+  });
+  document.body.appendChild(box);
+  return {text: el.innerText.trim().slice(0, 40), chars, font};
+}
+"""
+
+
+def css_cjk_families(css: Path = EDITIONS_CSS) -> set[str]:
+    """The quoted font families of the Chinese pages' stack."""
+    block = re.search(r'html\[lang\|="zh"\]\s*\{(.*?)\}', css.read_text(), re.S)
+    assert block, f"{css} has no html[lang|=\"zh\"] rule"
+    return set(re.findall(r'"([^"]+)"', block.group(1)))
+
+
+def glyph_images(page, count: int) -> list[bytes]:
+    """Grey-level pixels of the probe spans cjk-probe-0 .. count-1."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for i in range(count):
+        png = page.locator(f"#cjk-probe-{i}").screenshot()
+        out.append(Image.open(io.BytesIO(png)).convert("L").tobytes())
+    return out
+
+
+def cjk_problems(page) -> list[str]:
+    """Whether the page's Chinese text is drawn in a real CJK font rather than as tofu.
+
+    Every character a font lacks is drawn as the same .notdef box, so: a few distinct characters
+    of the page's Chinese text, drawn large in the text's own font stack, must each have ink,
+    differ from one another, and differ from the box drawn for two code points no font has
+    (U+0378, U+0379, which must match each other: the check can see tofu). Chromium also reports,
+    through the DevTools protocol, the platform fonts that drew the text: one must be a CJK family
+    of the stack in book/_ext/static/moe-lab-editions.css.
+    """
+    probe = page.evaluate(CJK_PROBE_JS)
+    if probe is None:
+        return ["no visible Chinese text on a Chinese page"]
+    chars = probe["chars"]
+    images = glyph_images(page, len(chars) + 2)
+    glyphs, tofu = images[: len(chars)], images[len(chars):]
+    problems = []
+    if tofu[0] != tofu[1]:
+        problems.append("the tofu reference (U+0378, U+0379) did not draw one box; check invalid")
+    ink = [sum(1 for v in img if v < 128) for img in glyphs]
+    if len(chars) < 2:
+        problems.append(f"too few Chinese characters to compare in {probe['text']!r}")
+    if not all(ink):
+        problems.append(f"Chinese characters drawn without ink: {chars} {ink}")
+    if len(set(glyphs)) < len(glyphs) or any(g == tofu[0] for g in glyphs):
+        problems.append(f"Chinese text {probe['text']!r} is drawn as tofu (identical boxes for "
+                        f"{chars}) in font-family {probe['font']}")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "[data-cjk-probe]"})
+    fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node["nodeId"]})["fonts"]
+    used = {f["familyName"] for f in fonts if f["glyphCount"]}
+    if not used & css_cjk_families():
+        problems.append(f"Chinese text {probe['text']!r} drawn in {sorted(used)}, none of the CJK "
+                        f"fonts of {EDITIONS_CSS.name}: {sorted(css_cjk_families())}")
+    return problems
 
 
 @dataclass
@@ -339,6 +440,8 @@ def check_page(browser, base_url: str, html: Path, page_path: str, shot: Path) -
         report.facts = facts
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)
+        if page_path.startswith(ZH):
+            report.problems += cjk_problems(page)
     finally:
         context.close()
 
@@ -355,7 +458,22 @@ def check_page(browser, base_url: str, html: Path, page_path: str, shot: Path) -
     report.problems += [f"image not loaded: {i['src']}" for i in facts["images"] if not i["width"]]
     report.problems += widget_problems(facts)
     report.problems += link_problems(facts["links"], base_url, html)
+    report.problems += edition_problems(facts, base_url, page_path)
     return report
+
+
+def edition_problems(facts: dict, base_url: str, page_path: str) -> list[str]:
+    """The page declares its language and links to its counterpart in the other edition."""
+    chinese = page_path.startswith(ZH)
+    problems = []
+    if facts["lang"] != ("zh-CN" if chinese else "en"):
+        problems.append(f"<html lang={facts['lang']!r}> on a {'Chinese' if chinese else 'English'}"
+                        " page")
+    want = base_url + counterpart(page_path)
+    if not any(link["href"] == want for link in facts["editionLinks"]):
+        problems.append(f"no visible link to the other edition's page {want}: "
+                        f"{facts['editionLinks']}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +490,7 @@ def book_html(tmp_path_factory) -> Path:
     # The chapters executed once for tests/test_chapters.py (in this session) are rendered as
     # they are, rather than executed a second time by the build.
     staged = stage_executed_book(tmp_path_factory.mktemp("executed_book"))
-    return build_book(staged, timeout_s=15 * 60)
+    return build_site(staged, execute="off")
 
 
 @pytest.fixture(scope="module")
@@ -447,6 +565,19 @@ def show(experts=8):
 """
 
 
+# The fixture page's Chinese catalog: the heading and the math paragraph translated.
+FIXTURE_PO = r"""msgid ""
+msgstr ""
+"Content-Type: text/plain; charset=utf-8\n"
+
+msgid "Fixture"
+msgstr "测试页：混合专家"
+
+msgid "Inline math $y = \\sum_i g_i(x)\\, E_i(x)$ and display math:"
+msgstr "行内公式 $y = \\sum_i g_i(x)\\, E_i(x)$ 与行间公式："
+"""
+
+
 @pytest.fixture(scope="module")
 def fixture_html(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("fixture_book")
@@ -456,9 +587,17 @@ def fixture_html(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "book" / "references.bib", src / "book" / "references.bib")
     (src / "book" / "fixture.md").write_text(FIXTURE)
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/fixture\n")
+    catalogs = src / "locale" / "zh_CN" / "LC_MESSAGES" / "book"
+    catalogs.mkdir(parents=True)
+    (catalogs / "fixture.po").write_text(FIXTURE_PO, encoding="utf-8")
+    # Built as `make book` builds: executed once for English, the Chinese page from the cache.
     # MPLBACKEND=Agg, as helpers' commands set it: book/_ext/inline_figures.py must still give
     # the page its figure.
-    return build_book(src, timeout_s=5 * 60, MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    try:
+        return book_editions.build_site(src, execute="cache", quiet=True, env=env)
+    except book_editions.BuildError as err:
+        pytest.fail(f"fixture book build failed: {str(err)[-6000:]}")
 
 
 def test_offline_math_figures_widgets(fixture_html, browser):
@@ -467,7 +606,10 @@ def test_offline_math_figures_widgets(fixture_html, browser):
         report = check_page(
             browser, base_url, fixture_html, "book/fixture.html", SCREENSHOTS / "_fixture.png"
         )
+        zh = check_page(browser, base_url, fixture_html, ZH + "book/fixture.html",
+                        SCREENSHOTS / "_fixture_zh.png")
     assert not report.problems, "\n".join(report.problems)
+    assert not zh.problems, "\n".join(zh.problems)
     facts = report.facts
     # The checks above passed for the right reason: there was something to check.
     assert facts["mathCount"] >= 2 and facts["mjxCount"] >= 2
@@ -484,3 +626,14 @@ def test_offline_math_figures_widgets(fixture_html, browser):
     assert "cdn.jsdelivr" not in page_html and "cdnjs" not in page_html
     assert "_static/vendor/mathjax/es5/tex-chtml.js" in page_html
     assert "THEBE_JS_URL" not in page_html
+    # The Chinese page: translated prose, the English build's outputs and widgets (reused from
+    # its execution cache: book_editions fails the build if the Chinese one executed anything).
+    zfacts = zh.facts
+    assert zfacts["lang"] == "zh-CN" and zfacts["mathCount"] >= 2 and zfacts["mjxCount"] >= 2
+    assert len(zfacts["images"]) >= 1
+    assert len(zfacts["widgetViews"]) == 3 and all(v["rendered"] for v in zfacts["widgetViews"])
+    assert "experts: 8" in zfacts["widgetViews"][2]["text"]
+    zh_html = (fixture_html / ZH / "book" / "fixture.html").read_text(encoding="utf-8")
+    assert "测试页：混合专家" in zh_html and "行内公式" in zh_html
+    assert [link["text"] for link in zfacts["editionLinks"]] == ["English"]
+    assert [link["text"] for link in facts["editionLinks"]] == ["中文"]

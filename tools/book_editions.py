@@ -105,11 +105,12 @@ def compile_catalogs(locale_src: Path, dest: Path, language: str = CHINESE) -> l
     return written
 
 
-def run_logged(cmd: list[str], cwd: Path, quiet: bool = False) -> str:
+def run_logged(cmd: list[str], cwd: Path, quiet: bool = False,
+               env: dict[str, str] | None = None) -> str:
     """Run ``cmd``, echoing its output unless ``quiet``; return the output; raise on failure."""
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, encoding="utf-8", errors="replace")
+                            text=True, encoding="utf-8", errors="replace", env=env)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -123,20 +124,22 @@ def run_logged(cmd: list[str], cwd: Path, quiet: bool = False) -> str:
 
 
 def jupyter_book(source: Path, config: Path, path_output: Path | None = None,
-                 quiet: bool = False) -> str:
+                 quiet: bool = False, env: dict[str, str] | None = None) -> str:
     """`jupyter-book build` of ``source`` with ``config``, as strict as `make book` was."""
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe), "build", str(source), "--config", str(config), "-W", "--keep-going", "--all"]
     if path_output is not None:
         cmd += ["--path-output", str(path_output)]
-    return run_logged(cmd, cwd=source, quiet=quiet)
+    return run_logged(cmd, cwd=source, quiet=quiet, env=env)
 
 
-def build_site(source: Path = ROOT, execute: str = "cache", quiet: bool = False) -> Path:
+def build_site(source: Path = ROOT, execute: str = "cache", quiet: bool = False,
+               env: dict[str, str] | None = None) -> Path:
     """Build both editions of the book in ``source``; return the site folder (_build/html).
 
     ``execute`` is "cache" for `make book` (execute every chapter once, then reuse it) or "off"
-    for a source whose chapters are already executed notebooks (tests/test_browser.py).
+    for a source whose chapters are already executed notebooks (tests/test_browser.py). ``env``
+    is the builds' environment (default: this process's).
     """
     source = source.resolve()
     build = source / "_build"
@@ -149,7 +152,7 @@ def build_site(source: Path = ROOT, execute: str = "cache", quiet: bool = False)
     start = time.monotonic()
     en_config = write_config(edition_config(source, ENGLISH, execute=execute, cache=cache),
                              work / ENGLISH / "_config.yml")
-    jupyter_book(source, en_config, quiet=quiet)
+    jupyter_book(source, en_config, quiet=quiet, env=env)
     html = build / "html"
     timings[ENGLISH] = time.monotonic() - start
 
@@ -160,7 +163,7 @@ def build_site(source: Path = ROOT, execute: str = "cache", quiet: bool = False)
         edition_config(source, CHINESE, execute=execute, cache=cache, locale_dir=locale_dir),
         work / CHINESE / "_config.yml",
     )
-    log = jupyter_book(source, zh_config, path_output=work / CHINESE, quiet=quiet)
+    log = jupyter_book(source, zh_config, path_output=work / CHINESE, quiet=quiet, env=env)
     executed = log.count(EXECUTING)
     if executed:
         raise BuildError(

@@ -427,9 +427,11 @@ def check_page(browser, base_url: str, html: Path, page_path: str, shot: Path) -
             report.problems.append(f"page did not load: {response and response.status}")
             return report
         target = redirect_target(html / page_path)
+        shown = page_path  # the page the reader ends up on
         if target is not None:  # Jupyter Book's index.html only redirects to the first page
             page.wait_for_url(urljoin(base_url + page_path, target), timeout=WAIT_MS)
             page.wait_for_load_state("load")
+            shown = urlsplit(page.url).path[len(urlsplit(base_url).path):]
         facts = page.evaluate(FACTS_JS)
         if facts["widgetViews"]:
             try:
@@ -458,7 +460,7 @@ def check_page(browser, base_url: str, html: Path, page_path: str, shot: Path) -
     report.problems += [f"image not loaded: {i['src']}" for i in facts["images"] if not i["width"]]
     report.problems += widget_problems(facts)
     report.problems += link_problems(facts["links"], base_url, html)
-    report.problems += edition_problems(facts, base_url, page_path)
+    report.problems += edition_problems(facts, base_url, shown)
     return report
 
 

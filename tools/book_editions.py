@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGLISH, CHINESE = "en", "zh_CN"
 # Folder of each edition under the English site root (book/_ext/language_links.py links them).
 FOLDERS = {ENGLISH: "", CHINESE: "zh"}
-# The site title and search placeholder are configuration, not messages of a page.
+# The site title is configuration, not a message of a page (the search box's placeholder is set
+# by book/_ext/language_links.py).
 TITLES = {CHINESE: "MoE Lab：MoE 如何突破万张卡和万亿参数两个临界点"}
-SEARCH_TEXT = {CHINESE: "搜索本书……"}
 # MyST-NB's log line for a notebook it executes (myst_nb/core/execute/cache.py).
 EXECUTING = "Executing notebook using"
 
@@ -72,7 +72,6 @@ def edition_config(source: Path, language: str, *, execute: str, cache: Path | N
         settings["gettext_auto_build"] = False  # compiled by compile_catalogs
     if language in TITLES:
         config["title"] = TITLES[language]
-        settings.setdefault("html_theme_options", {})["search_bar_text"] = SEARCH_TEXT[language]
     return config
 
 

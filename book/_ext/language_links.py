@@ -36,11 +36,12 @@ class Edition:
     folder: str  # where the edition lies under the site root, "" or ending in "/"
     label: str  # the link's text, in the edition's own language
     hreflang: str  # BCP 47, for hreflang and lang attributes
+    search_text: str | None = None  # the search box's placeholder, when not Jupyter Book's
 
 
 EDITIONS = (
     Edition("en", "", "English", "en"),
-    Edition("zh_CN", "zh/", "中文", "zh-CN"),
+    Edition("zh_CN", "zh/", "中文", "zh-CN", search_text="搜索本书……"),
 )
 
 
@@ -75,8 +76,9 @@ def edition_links(pagename: str, language: str | None) -> list[dict]:
 
 
 def configure(app: Sphinx, config: Config) -> None:
-    """Register the header template, its place in the header, and the font CSS."""
-    edition_of(config.language)  # fail early on a language with no edition
+    """Register the header template, its place in the header, the font CSS, and the edition's
+    search placeholder (Jupyter Book writes its English one into the theme options)."""
+    edition = edition_of(config.language)  # fail early on a language with no edition
     config.templates_path = [*config.templates_path, str(HERE / "templates")]
     config.html_static_path = [*config.html_static_path, str(HERE / "static")]
     options = dict(config.html_theme_options or {})
@@ -84,6 +86,8 @@ def configure(app: Sphinx, config: Config) -> None:
     end = [end] if isinstance(end, str) else list(end)
     if config.edition_links and TEMPLATE not in end:
         options["article_header_end"] = [TEMPLATE, *end]
+    if edition.search_text:
+        options["search_bar_text"] = edition.search_text
     config.html_theme_options = options
 
 

@@ -202,9 +202,20 @@ def lost_ranks(table: list[tuple[str, int]]) -> tuple[list[int], bool]:
     return gone, all(host == here for host, _ in table)
 
 
-def name_lost_ranks(err: PeerFailure, table: list[tuple[str, int]]) -> PeerFailure:
-    """``err`` with the lost rank named: "lost rank 1 (pid 1234 exited)", or why not."""
+def name_lost_ranks(err: PeerFailure, table: list[tuple[str, int]],
+                    grace_s: float = 3.0) -> PeerFailure:
+    """``err`` with the lost rank named: "lost rank 1 (pid 1234 exited)", or why not.
+
+    A killed peer's sockets close while the kernel is still tearing the process down, so its
+    /proc entry can read as running for a moment after the collective fails: look again for
+    up to ``grace_s`` seconds before saying that no rank exited."""
+    import time
+
+    deadline = time.monotonic() + grace_s
     gone, all_local = lost_ranks(table)
+    while not gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gone, all_local = lost_ranks(table)
     if gone:
         what = "; ".join(f"lost rank {r} (process {table[r][1]} on {table[r][0]} exited)"
                          for r in gone)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from moe_lab.model import TinyLM
 from moe_lab.provenance import machine_record
+from moe_lab.train.checkpoint import atomic_save
 
 PROG = "python -m moe_lab.serving.weights"
 SERVING_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "serving"
@@ -37,14 +37,8 @@ def export_run(run_dir: Path, out_stem: Path, *, command: str | None = None) -> 
     log = json.loads((run_dir / "log.json").read_text())
     blob = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["model"].items()}
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
     pt = out_stem.with_suffix(".pt")
-    tmp = pt.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(pt)
+    atomic_save(state, pt)
     record = {
         "weights": pt.name,
         "sha256": _sha256(pt),

@@ -35,10 +35,8 @@ def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, state: 
 def write_checkpoint(
     path: Path, cfg: TrainConfig, step: int, model_state: dict, optim_state: dict, state: dict
 ) -> None:
-    """Write a checkpoint from state dicts (a sharded run passes the gathered, global ones).
-
-    The file is written to ``ckpt.tmp``, flushed to disk, then renamed over ``path``: until the
-    rename the previous checkpoint stays whole, and a reader never sees a half-written file."""
+    """Write a checkpoint from state dicts (a sharded run passes the gathered, global ones),
+    atomically (``atomic_save``)."""
     blob = {
         "format": CKPT_FORMAT,
         "config": cfg.to_dict(),
@@ -47,10 +45,17 @@ def write_checkpoint(
         "optim": optim_state,
         "state": state,
     }
+    atomic_save(blob, path)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed over ``path``: until the
+    rename any previous file stays whole, and a reader never sees a half-written one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        torch.save(blob, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

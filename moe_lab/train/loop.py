@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from moe_lab.data import Corpus, get_batch, load_corpus, validation_windows
 from moe_lab.model import TinyLM, count_params
 from moe_lab.provenance import machine_record
-from moe_lab.train.checkpoint import load_checkpoint, save_checkpoint
+from moe_lab.train.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from moe_lab.train.config import TrainConfig
 
 
@@ -239,14 +238,7 @@ def save_weights(path: Path, model: TinyLM) -> None:
     """The model's state dict alone (no optimizer), written atomically: tmp file, then rename.
 
     Read it back with ``torch.load(path, weights_only=True)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
 
 
 @torch.no_grad()

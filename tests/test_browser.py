@@ -564,6 +564,14 @@ display(widgets.Button(description="Route", icon="shuffle"))  # an icon: the bun
 def show(experts=8):
     print(f"experts: {experts}")
 ```
+
+```{code-cell} ipython3
+from myst_nb import glue
+
+glue("fixture_share", 12.345, display=False)
+```
+
+The share is {glue:text}`fixture_share:.1f`%.
 """
 
 
@@ -577,6 +585,9 @@ msgstr "测试页：混合专家"
 
 msgid "Inline math $y = \\sum_i g_i(x)\\, E_i(x)$ and display math:"
 msgstr "行内公式 $y = \\sum_i g_i(x)\\, E_i(x)$ 与行间公式："
+
+msgid "The share is {glue:text}`fixture_share:.1f`%."
+msgstr "占比为 {glue:text}`fixture_share:.1f`%。"
 """
 
 
@@ -637,5 +648,7 @@ def test_offline_math_figures_widgets(fixture_html, browser):
     assert "experts: 8" in zfacts["widgetViews"][2]["text"]
     zh_html = (fixture_html / ZH / "book" / "fixture.html").read_text(encoding="utf-8")
     assert "测试页：混合专家" in zh_html and "行内公式" in zh_html
+    # A glued number inside a translated message (book/_ext/translated_glue.py).
+    assert re.search(r"占比为 <span[^>]*>12\.3</span>%", zh_html), "translated glue missing"
     assert [link["text"] for link in zfacts["editionLinks"]] == ["English"]
     assert [link["text"] for link in facts["editionLinks"]] == ["中文"]

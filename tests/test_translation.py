@@ -483,6 +483,14 @@ def test_chapter_links_in_chinese():
     assert chapter_links.chapter_label(3, None) == "chapter 3"
 
 
+def test_translated_glue_refers_to_the_page():
+    glue = load_ext("translated_glue")
+    assert glue.as_page_reference("ch5_x:.2f", "book/05_capacity.md") == (
+        "/book/05_capacity.md::ch5_x:.2f")
+    assert glue.as_page_reference("ch5_n", "book/05_capacity.md") == "/book/05_capacity.md::ch5_n:s"
+    assert glue.as_page_reference("other.md::k:.1f", "book/x.md") == "other.md::k:.1f"
+
+
 def test_language_links_are_relative_counterparts():
     links = load_ext("language_links")
     [to_zh] = links.edition_links("book/05_capacity", "en")

@@ -534,7 +534,7 @@ kernelspec:
   name: python3
 ---
 
-# Fixture
+# 1. Fixture
 
 Inline math $y = \sum_i g_i(x)\, E_i(x)$ and display math:
 
@@ -580,8 +580,8 @@ FIXTURE_PO = r"""msgid ""
 msgstr ""
 "Content-Type: text/plain; charset=utf-8\n"
 
-msgid "Fixture"
-msgstr "测试页：混合专家"
+msgid "1. Fixture"
+msgstr "1. 测试页：混合专家"
 
 msgid "Inline math $y = \\sum_i g_i(x)\\, E_i(x)$ and display math:"
 msgstr "行内公式 $y = \\sum_i g_i(x)\\, E_i(x)$ 与行间公式："
@@ -647,7 +647,7 @@ def test_offline_math_figures_widgets(fixture_html, browser):
     assert len(zfacts["widgetViews"]) == 3 and all(v["rendered"] for v in zfacts["widgetViews"])
     assert "experts: 8" in zfacts["widgetViews"][2]["text"]
     zh_html = (fixture_html / ZH / "book" / "fixture.html").read_text(encoding="utf-8")
-    assert "测试页：混合专家" in zh_html and "行内公式" in zh_html
+    assert "<h1>1. 测试页：混合专家" in zh_html and "行内公式" in zh_html  # numbered title too
     # A glued number inside a translated message (book/_ext/translated_glue.py).
     assert re.search(r"占比为 <span[^>]*>12\.3</span>%", zh_html), "translated glue missing"
     assert [link["text"] for link in zfacts["editionLinks"]] == ["English"]

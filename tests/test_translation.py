@@ -461,6 +461,14 @@ def test_compile_catalogs_leaves_fuzzy_out(tmp_path):
     assert compiled["The router scores every expert for each token."].string.startswith("路由器")
 
 
+def test_numbered_titles_stay_titles():
+    """A numbered title ("5. 容量") would parse as a Markdown list: its dot is escaped."""
+    assert book_editions.escape_numbered_title("5. Capacity", "5. 容量") == "5\\. 容量"
+    assert book_editions.escape_numbered_title("12. Serving", "12. 推理服务") == "12\\. 推理服务"
+    assert book_editions.escape_numbered_title("A router.", "5. 路由器") == "5. 路由器"
+    assert book_editions.escape_numbered_title("5. Capacity", "第五章 容量") == "第五章 容量"
+
+
 def test_compile_catalogs_names_a_broken_file(tmp_path):
     src = tmp_path / "locale" / "zh_CN" / "LC_MESSAGES" / "book"
     src.mkdir(parents=True)

@@ -23,6 +23,7 @@ next to the .po files, so a build never writes into the translators' folder.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -81,11 +82,30 @@ def write_config(config: dict, path: Path) -> Path:
     return path
 
 
+# A numbered title, "5. Capacity": the number and its dot (or parenthesis).
+NUMBERED = re.compile(r"^(\d+)([.)])(?=\s)")
+
+
+def escape_numbered_title(msgid: str, msgstr: str) -> str:
+    """Keep a translated numbered title a title.
+
+    Sphinx translates a title by parsing ``msgstr`` followed by a line of "=" as a document.
+    In Markdown a line that starts with "5. " is an ordered list item, so "5. 容量" came back
+    as a list, Sphinx skipped it, and every chapter title stayed English. A msgid can start
+    with "5. " only as a title (in a paragraph it would have been a list too), so the number's
+    dot is escaped in such a msgstr: "5\\. 容量" reads "5. 容量".
+    """
+    if NUMBERED.match(msgid) and NUMBERED.match(msgstr):
+        return NUMBERED.sub(r"\1\\\2", msgstr, count=1)
+    return msgstr
+
+
 def compile_catalogs(locale_src: Path, dest: Path, language: str = CHINESE) -> list[Path]:
     """Compile every ``<language>/LC_MESSAGES/**.po`` under ``locale_src`` into ``dest``.
 
     Fuzzy messages are left out (their translation may be stale). A catalog that does not
-    parse stops the build with its file and line.
+    parse stops the build with its file and line. Numbered titles are escaped for Markdown
+    (`escape_numbered_title`).
     """
     src = locale_src / language / "LC_MESSAGES"
     shutil.rmtree(dest / language, ignore_errors=True)
@@ -96,6 +116,9 @@ def compile_catalogs(locale_src: Path, dest: Path, language: str = CHINESE) -> l
                 catalog = read_po(f, locale=language, abort_invalid=True)
         except Exception as err:  # babel's PoFileError, or a decoding error
             raise BuildError(f"{po}: cannot be read as a message catalog: {err}") from err
+        for message in catalog:
+            if message.id and isinstance(message.string, str) and message.string:
+                message.string = escape_numbered_title(message.id, message.string)
         mo = dest / language / "LC_MESSAGES" / po.relative_to(src).with_suffix(".mo")
         mo.parent.mkdir(parents=True, exist_ok=True)
         with mo.open("wb") as f:

@@ -499,6 +499,35 @@ def test_translated_glue_refers_to_the_page():
     assert glue.as_page_reference("other.md::k:.1f", "book/x.md") == "other.md::k:.1f"
 
 
+def test_toc_captions_are_translated(tmp_path):
+    """The part captions sphinx-external-toc inserts after the Locale transform get translated."""
+    from types import SimpleNamespace
+
+    from docutils.utils import new_document
+    from sphinx import addnodes
+
+    toc = load_ext("translated_toc")
+    src = tmp_path / "locale" / "zh_CN" / "LC_MESSAGES" / "book"
+    src.mkdir(parents=True)
+    (src / "intro.po").write_text('msgid ""\nmsgstr ""\n"Content-Type: text/plain; charset=utf-8'
+                                  '\\n"\n\nmsgid "At scale"\nmsgstr "规模化"\n', encoding="utf-8")
+    book_editions.compile_catalogs(tmp_path / "locale", tmp_path / "mo")
+    doctree = new_document("intro")
+    doctree += addnodes.toctree(caption="At scale")
+    doctree += addnodes.toctree(caption="Back matter")
+    config = SimpleNamespace(language="zh_CN", gettext_compact=False,
+                             locale_dirs=[str(tmp_path / "mo")])
+    app = SimpleNamespace(config=config, env=SimpleNamespace(docname="book/intro"),
+                          srcdir=str(tmp_path))
+    toc.translate_captions(app, doctree)
+    assert [n["caption"] for n in doctree.findall(addnodes.toctree)] == ["规模化", "Back matter"]
+    config.language = "en"
+    doctree2 = new_document("intro")
+    doctree2 += addnodes.toctree(caption="At scale")
+    toc.translate_captions(app, doctree2)
+    assert next(doctree2.findall(addnodes.toctree))["caption"] == "At scale"
+
+
 def test_language_links_are_relative_counterparts():
     links = load_ext("language_links")
     [to_zh] = links.edition_links("book/05_capacity", "en")

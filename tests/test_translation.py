@@ -88,8 +88,13 @@ def test_catalog_parses_and_compiles(path):
 
 @pytest.mark.parametrize("path", CATALOGS, ids=[p.stem for p in CATALOGS])
 def test_catalog_keeps_markup(path):
-    """Every role, {{chN}}, $...$ and code span of a msgid survives in its msgstr."""
-    bad = po_checks.problems(path)
+    """Every role, {{chN}}, $...$ and code span of a msgid survives in its msgstr.
+
+    tests/po_checks.py's check, except on fuzzy messages: their translation is of an older
+    English, the build does not use it, and the fuzzy test below reports them.
+    """
+    fuzzy = {line for line, _id, _str, is_fuzzy in po_checks.messages(path) if is_fuzzy}
+    bad = [p for p in po_checks.problems(path) if int(p.split(":")[1]) not in fuzzy]
     assert not bad, f"{rel(path)}: translations that change markup:\n" + "\n".join(bad)
 
 
@@ -389,6 +394,24 @@ def test_merge_marks_changes_and_loses_nothing(tmp_path):
         "The router scores every expert for each token."]
     assert po.read_text(encoding="utf-8").count("#| msgid") == 1
     assert "# |" not in po.read_text(encoding="utf-8")
+
+
+def test_long_old_msgids_survive_rewrites(tmp_path):
+    """A long or multi-line old msgid is written as PO strings and read back whole."""
+    old = "A long paragraph " * 8 + "with a \"quote\" and a line\nbreak."
+    po = tmp_path / "long.po"
+    po.write_text(FIXTURE_PO.replace("A paragraph that the English drops.", old.replace(
+        "\"", "\\\"").replace("\n", "\\n")), encoding="utf-8")
+    new = old.replace("break.", "break, changed.")
+    locale_tools.merge(template("Kept", new), po, "book/long")
+    text = po.read_text(encoding="utf-8")
+    assert "\n#| msgid " in text and "# |" not in text
+    assert locale_tools.read_catalog(po)[new].previous_id == [old]
+    locale_tools.merge(template("Kept", new, "Another."), po, "book/long")  # rewritten again
+    assert locale_tools.read_catalog(po)[new].previous_id == [old]
+    # babel's own layout (the comment wrapped as plain text) is read back too.
+    wrapped = ["| msgid \"A long paragraph A long", "| paragraph with \\\"q\\\"\""]
+    assert locale_tools.previous_msgid(wrapped) == 'A long paragraph A long paragraph with "q"'
 
 
 def test_merge_starts_a_catalog_for_a_new_page(tmp_path):

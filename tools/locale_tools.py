@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from babel.messages.catalog import Catalog
-from babel.messages.pofile import read_po, unescape, write_po
+from babel.messages.pofile import normalize, read_po, unescape, write_po
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from book_editions import (  # noqa: E402
@@ -73,27 +74,57 @@ class Merge:
         return f"{self.catalog}: {what}{'' if self.written else ' (unchanged)'}"
 
 
+def previous_msgid(comments: list[str]) -> str:
+    """The old msgid from the `#|` lines of a message, as babel read them (user comments).
+
+    `dump` writes them as PO strings ("| msgid \"...\"", then "| \"...\"" lines); babel's
+    own writer wraps them as plain text at 76 columns, which is read back by joining the lines.
+    """
+    parts = [comments[0][len("| msgid "):]] + [c[1:].strip() for c in comments[1:]]
+    if all(len(p) >= 2 and p.startswith('"') and p.endswith('"') for p in parts):
+        return "".join(unescape(p) for p in parts)
+    return unescape(" ".join(parts))
+
+
 def read_catalog(path: Path, locale: str | None = LANGUAGE) -> Catalog:
     """A catalog, with the `#| msgid` of its fuzzy messages read back as their previous msgid.
 
-    babel writes previous msgids but reads them as user comments ("| msgid ..."), which a later
-    write would turn into "# | msgid" lines.
+    babel reads `#|` lines as user comments ("| msgid ..."), which a later write would turn
+    into "# | msgid" lines.
     """
     with path.open("rb") as f:
         catalog = read_po(f, locale=locale, abort_invalid=True)
     for message in [*catalog, *catalog.obsolete.values()]:
-        previous = [c for c in message.user_comments if c.startswith("| msgid ")]
-        if previous:
-            message.previous_id = [unescape(previous[0][len("| msgid "):])]
-            message.user_comments = [c for c in message.user_comments if not c.startswith("|")]
+        previous = [c for c in message.user_comments if c.startswith("|")]
+        if previous and previous[0].startswith("| msgid "):
+            message.previous_id = [previous_msgid(previous)]
+        message.user_comments = [c for c in message.user_comments if not c.startswith("|")]
     return catalog
 
 
 def dump(catalog: Catalog) -> bytes:
-    """The catalog as the locale/ files are written: unwrapped, previous msgids kept."""
+    """The catalog as the locale/ files are written: unwrapped, old msgids as `#| msgid`.
+
+    babel writes msgid and msgstr unwrapped with width 0 but always wraps comments, `#|`
+    included, at 76 columns as plain text; so the `#|` lines are written here, as PO strings.
+    """
     out = io.BytesIO()
-    write_po(out, catalog, width=0, include_previous=True)
-    return out.getvalue()
+    write_po(out, catalog, width=0, include_previous=False)
+    text = out.getvalue().decode("utf-8")
+    for message in catalog:
+        if not (message.id and message.previous_id):
+            continue
+        block = f"\nmsgid {normalize(message.id, width=0)}\nmsgstr"
+        old = f"msgid {normalize(message.previous_id[0], width=0)}"
+        comment = "".join(f"\n#| {line}" for line in old.split("\n"))
+        text = text.replace(block, comment + block, 1)
+    return text.encode("utf-8")
+
+
+def same_but_date(a: bytes, b: bytes) -> bool:
+    """Equal catalogs but for the POT-Creation-Date header, which changes on every run."""
+    date = re.compile(rb'^"POT-Creation-Date: [^"]*"$', re.M)
+    return date.sub(b"", a) == date.sub(b"", b)
 
 
 def messages_of(catalog: Catalog) -> dict:
@@ -154,7 +185,7 @@ def merge(template: Catalog, po_path: Path, page: str, dry_run: bool = False) ->
         result.added = [m.id for m in catalog if m.id and m.id not in known and not m.previous_id]
         result.fuzzy = [m.id for m in catalog if m.id and m.id not in known and m.previous_id]
         result.obsolete = [k for k in catalog.obsolete if k not in before["obsolete"]]
-        if messages_of(catalog) == before:
+        if same_but_date(dump(catalog), po_path.read_bytes()):
             return result
     result.written = True
     if not dry_run:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -112,6 +113,19 @@ def test_no_untranslated_or_fuzzy_messages():
         f"{len(todo)} untranslated or fuzzy messages under {rel(CATALOG_DIR)} ({summary}):\n"
         f"{shown}\n(list them all: .venv/bin/python tests/po_checks.py)"
     )
+
+
+def test_catalogs_match_the_english(tmp_path):
+    """Every catalog holds the messages the English pages have now (`make locale` updates them).
+
+    Builds the templates with the gettext builder (no execution, a few seconds) and merges them
+    into a copy of the catalogs; new, changed or removed English must not show up.
+    """
+    copy = tmp_path / "locale"
+    shutil.copytree(LOCALE, copy)
+    results = locale_tools.update(ROOT, copy, dry_run=True)
+    stale = [r.summary() for r in results if r.created or r.added or r.fuzzy or r.obsolete]
+    assert not stale, "catalogs behind the English; run `make locale`:\n" + "\n".join(stale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,8 +110,12 @@ def test_every_committed_log_names_its_preset_and_command_consistently():
 @pytest.mark.parametrize("preset", CURRENT_PRESETS)
 def test_a_committed_log_reproduces_from_its_command(preset):
     """Rerun the first 100 steps of one committed log per preset from its recorded command;
-    the validation (and training) losses match within 0.01 nats: bit-identical on the same
-    CPU and library versions, a little round-off apart on another CPU."""
+    the validation (and training) losses match within 0.02 nats: bit-identical with the same
+    code, CPU and library versions, round-off apart otherwise. Round-off grows over 100 steps
+    of training: since the logs were made the expert loop fused its gather and combine (float
+    sums in another order), and the `long` preset's moe8 run then differs by 0.012 at step 100;
+    another variant of the same preset is 0.03 to 0.13 away at that step (the committed
+    `long` logs)."""
     runs = load_runs(preset)
     assert runs, f"no committed logs for preset {preset}"
     # an MoE run (router, dispatcher and experts all exercised), else dense; lowest seed
@@ -131,7 +135,7 @@ def test_a_committed_log_reproduces_from_its_command(preset):
     assert want and [e["step"] for e in want] == sorted(got)
     for e in want:
         for key_ in ("val_loss", "train_loss"):
-            assert abs(got[e["step"]][key_] - e[key_]) < 0.01, (preset, e["step"], key_)
+            assert abs(got[e["step"]][key_] - e[key_]) < 0.02, (preset, e["step"], key_)
 
 
 def test_facts_summary_ahead_and_kind_distance():

@@ -262,22 +262,22 @@ class _RoutedLoop(torch.autograd.Function):
         up_NF = x_TD.new_empty(N, w_up.shape[-1])
         gate_NF = torch.empty_like(up_NF) if swiglu else None
         y_TD = torch.zeros_like(x_TD)
-        start = 0
+        # every expert's views made in one call each, not sliced in the loop
+        toks, ups, ws = token_of_N.split(sizes), up_NF.split(sizes), w_N.unsqueeze(-1).split(sizes)
+        gates = gate_NF.split(sizes) if swiglu else None
+        w_ups, w_downs = w_up.unbind(0), w_down.unbind(0)
+        w_gates = w_gate.unbind(0) if swiglu else None
         for e, n in enumerate(sizes):
-            rows = slice(start, start + n)
-            start += n
             if n == 0:
                 continue
-            tok_n = token_of_N[rows]
-            x_nD = x_TD.index_select(0, tok_n)
-            torch.mm(x_nD, w_up[e], out=up_NF[rows])
+            x_nD = x_TD.index_select(0, toks[e])
+            torch.mm(x_nD, w_ups[e], out=ups[e])
             if swiglu:
-                torch.mm(x_nD, w_gate[e], out=gate_NF[rows])
-                h_nF = F.silu(gate_NF[rows]).mul_(up_NF[rows])
+                torch.mm(x_nD, w_gates[e], out=gates[e])
+                h_nF = F.silu(gates[e]).mul_(ups[e])
             else:
-                h_nF = F.gelu(up_NF[rows])
-            out_nD = (h_nF @ w_down[e]).mul_(w_N[rows].unsqueeze(-1))
-            y_TD.index_add_(0, tok_n, out_nD)
+                h_nF = F.gelu(ups[e])
+            y_TD.index_add_(0, toks[e], torch.mm(h_nF, w_downs[e]).mul_(ws[e]))
         ctx.save_for_backward(x_TD, w_N, w_gate, w_up, w_down, token_of_N, gate_NF, up_NF)
         ctx.sizes, ctx.swiglu = sizes, swiglu
         return y_TD
@@ -287,27 +287,25 @@ class _RoutedLoop(torch.autograd.Function):
     def backward(ctx, g_TD):
         x_TD, w_N, w_gate, w_up, w_down, token_of_N, gate_NF, up_NF = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        sizes = ctx.sizes
         g_TD = g_TD.contiguous()
         gx_TD = torch.zeros_like(x_TD) if need_x else None
         gw_N = torch.empty_like(w_N) if need_w else None
         grads = (torch.empty_like(w_gate) if ctx.swiglu else None, torch.empty_like(w_up),
                  torch.empty_like(w_down))
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            rows = slice(start, start + n)
-            start += n
+        toks, ups, ws = token_of_N.split(sizes), up_NF.split(sizes), w_N.unsqueeze(-1).split(sizes)
+        gates = gate_NF.split(sizes) if ctx.swiglu else [None] * len(sizes)
+        gws = gw_N.split(sizes) if need_w else [None] * len(sizes)
+        for e, n in enumerate(sizes):
             if n == 0:
                 _zero_idle(e, grads)
                 continue
-            tok_n = token_of_N[rows]
-            gate_nF = gate_NF[rows] if ctx.swiglu else None
             gx_nD = _expert_backward(
-                e, x_TD.index_select(0, tok_n), g_TD.index_select(0, tok_n), gate_nF,
-                up_NF[rows], (w_gate, w_up, w_down), grads, w_n1=w_N[rows].unsqueeze(-1),
-                gw_n=gw_N[rows] if need_w else None,
+                e, x_TD.index_select(0, toks[e]), g_TD.index_select(0, toks[e]), gates[e],
+                ups[e], (w_gate, w_up, w_down), grads, w_n1=ws[e], gw_n=gws[e],
             )
             if need_x:
-                gx_TD.index_add_(0, tok_n, gx_nD)
+                gx_TD.index_add_(0, toks[e], gx_nD)
         return gx_TD, gw_N, *grads, None, None, None
 
 

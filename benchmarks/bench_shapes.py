@@ -5,7 +5,9 @@ FLOPs of a dense SwiGLU FFN of hidden size k * d_ff. Every dispatcher x CPU back
 FFN and (when transformers is installed) its Mixtral block run forward and backward, timed
 apart, interleaved in a shuffled order each round, in one process; the result keeps medians and
 each round's ratio to the dense time of that round, with the machine and its load recorded
-before and after.
+before and after. In the same rounds, the experts' matrix products alone (balanced blocks, no
+routing, gathers or activations) are timed against the dense FFN's: how much of the layer's
+cost is the matmuls' shape on this machine, which no dispatcher can remove.
 
     PYTHONPATH=. python benchmarks/bench_shapes.py --out benchmarks/results/dispatch_shapes_cpu.json
 """
@@ -61,11 +63,61 @@ def variants_for(T: int, D: int, E: int, k: int, F: int, seed: int = 0) -> dict:
     block = mixtral_block(D, F, E, k)
     if block is not None:
         out["mixtral"] = block
+    # the floor: the same matmuls alone, E balanced blocks of T*k/E rows against one of T rows
+    out["matmuls"] = MatmulsOnly(E, T * k // E, D, F, seed)
+    out["dense_matmuls"] = MatmulsOnly(1, T, D, k * F, seed)
     return out
+
+
+class MatmulsOnly:
+    """The matrix products of a SwiGLU FFN's forward and backward and nothing else, for E
+    experts of ``rows`` rows each (E=1: the dense FFN): the floor no dispatch can go under
+    on this machine, since it has no routing, no gathers and no elementwise work.
+
+    Forward: x W_gate, x W_up, h W_down per expert; backward: g W_down^T, h^T g, x^T g_gate,
+    x^T g_up, g_up W_up^T, g_gate W_gate^T, each written into a preallocated buffer.
+    """
+
+    def __init__(self, E: int, rows: int, D: int, F: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen)
+
+        self.x, self.g, self.h = rand(E, rows, D), rand(E, rows, D), rand(E, rows, F)
+        self.w_gate, self.w_up, self.w_down = rand(E, D, F), rand(E, D, F), rand(E, F, D)
+        self.out_F, self.out_D = torch.empty(rows, F), torch.empty(rows, D)
+        self.grad_DF, self.grad_FD = torch.empty(D, F), torch.empty(F, D)
+
+    def parameters(self):
+        return []
+
+    def forward_s(self) -> float:
+        t0 = time.perf_counter()
+        for x, h, wg, wu, wd in zip(self.x, self.h, self.w_gate, self.w_up, self.w_down,
+                                    strict=True):
+            torch.mm(x, wg, out=self.out_F)
+            torch.mm(x, wu, out=self.out_F)
+            torch.mm(h, wd, out=self.out_D)
+        return time.perf_counter() - t0
+
+    def backward_s(self) -> float:
+        t0 = time.perf_counter()
+        for x, g, h, wg, wu, wd in zip(self.x, self.g, self.h, self.w_gate, self.w_up,
+                                       self.w_down, strict=True):
+            torch.mm(g, wd.t(), out=self.out_F)
+            torch.mm(h.t(), g, out=self.grad_FD)
+            torch.mm(x.t(), h, out=self.grad_DF)
+            torch.mm(x.t(), h, out=self.grad_DF)
+            torch.mm(h, wu.t(), out=self.out_D)
+            torch.mm(h, wg.t(), out=self.out_D)
+        return time.perf_counter() - t0
 
 
 def time_one(module, x_TD, g_TD) -> tuple[float, float]:
     """Seconds of one forward and of its backward."""
+    if isinstance(module, MatmulsOnly):
+        return module.forward_s(), module.backward_s()
     x = x_TD.detach().requires_grad_(True)
     t0 = time.perf_counter()
     out = module(x)
@@ -102,6 +154,9 @@ def bench_shape(T, D, E, k, F, repeats, warmup, seed=0) -> dict:
         "total_s": {n: med(v) for n, v in total.items()},
         "paired_ratio": {n: med(t / d for t, d in zip(v, total["dense"], strict=True))
                          for n, v in total.items()},
+        # the experts' matmuls alone against the dense FFN's, per round
+        "matmul_ratio": med(e / d for e, d in zip(total["matmuls"], total["dense_matmuls"],
+                                                  strict=True)),
         "auto_chose": {n: m.experts.last_backend for n, m in mods.items()
                        if isinstance(m, MoE) and m.experts.backend == "auto"},
     }
@@ -137,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         "measured": "forward and backward timed apart; medians over rounds; paired_ratio: "
                     "median over rounds of (fwd+bwd) / dense (fwd+bwd) of that round",
         "dense_baseline": "SwiGLU FFN of hidden size k * d_ff (equal active matmul FLOPs)",
+        "matmuls": "the 9 matrix products of a SwiGLU FFN's forward and backward alone, per "
+                   "expert on a balanced block of tokens * k / E rows ('matmuls') or on all "
+                   "tokens at hidden size k * d_ff ('dense_matmuls'); matmul_ratio: median "
+                   "over rounds of matmuls / dense_matmuls",
         "threads": a.threads,
         "transformers": tf_version,
         "shapes": rows,

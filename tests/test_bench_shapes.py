@@ -20,6 +20,20 @@ def test_sweep_at_a_tiny_size_writes_a_complete_record(tmp_path):
     for s in saved["shapes"]:
         assert {"dense", "sort+auto", "sort+bmm", "sort+grouped_mm", "loop"} <= set(s["total_s"])
         assert s["paired_ratio"]["dense"] == 1.0
+        assert {"matmuls", "dense_matmuls"} <= set(s["total_s"]) and s["matmul_ratio"] > 0
         for n in s["total_s"]:
             assert abs(s["forward_s"][n] + s["backward_s"][n] - s["total_s"][n]) < 1.0
     assert "bench_shapes.py" in saved["command"] and saved["machine_start"]["cpu"]
+
+
+def test_matmuls_only_does_the_ffn_products_of_its_shape():
+    """The matmul floor allocates E blocks of the given rows and runs without error, and its
+    dense form is one block (E=1) of all the rows."""
+    spec = importlib.util.spec_from_file_location("bench_shapes",
+                                                  ROOT / "benchmarks" / "bench_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    experts = bench.MatmulsOnly(4, 8, 16, 6)
+    assert experts.x.shape == (4, 8, 16) and experts.w_down.shape == (4, 6, 16)
+    assert experts.forward_s() > 0 and experts.backward_s() > 0
+    assert list(experts.parameters()) == []

@@ -128,6 +128,14 @@ def time_one(module, x_TD, g_TD) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def quartiles(values: list[float]) -> list[float]:
+    """First and third quartiles (inclusive method; one value gives itself twice)."""
+    if len(values) == 1:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
+
+
 def bench_shape(T, D, E, k, F, repeats, warmup, seed=0) -> dict:
     mods = variants_for(T, D, E, k, F, seed)
     # (1, T, D): the Mixtral block wants (batch, sequence, d_model); the others flatten it
@@ -146,14 +154,17 @@ def bench_shape(T, D, E, k, F, repeats, warmup, seed=0) -> dict:
                 fwd[name].append(f)
                 bwd[name].append(b)
     total = {n: [f + b for f, b in zip(fwd[n], bwd[n], strict=True)] for n in mods}
+    paired = {n: [t / d for t, d in zip(v, total["dense"], strict=True)]
+              for n, v in total.items()}
     med = statistics.median
     return {
         "E": E, "k": k, "d_ff": F, "tokens": T, "d_model": D,
         "forward_s": {n: med(v) for n, v in fwd.items()},
         "backward_s": {n: med(v) for n, v in bwd.items()},
         "total_s": {n: med(v) for n, v in total.items()},
-        "paired_ratio": {n: med(t / d for t, d in zip(v, total["dense"], strict=True))
-                         for n, v in total.items()},
+        "paired_ratio": {n: med(r) for n, r in paired.items()},
+        # the spread over rounds: first and third quartiles of the same per-round ratios
+        "paired_ratio_quartiles": {n: quartiles(r) for n, r in paired.items()},
         # the experts' matmuls alone against the dense FFN's, per round
         "matmul_ratio": med(e / d for e, d in zip(total["matmuls"], total["dense_matmuls"],
                                                   strict=True)),
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "expert on a balanced block of tokens * k / E rows ('matmuls') or on all "
                    "tokens at hidden size k * d_ff ('dense_matmuls'); matmul_ratio: median "
                    "over rounds of matmuls / dense_matmuls",
+        "spread": "paired_ratio_quartiles: first and third quartiles over rounds of the "
+                  "per-round ratios whose median is paired_ratio",
         "threads": a.threads,
         "transformers": tf_version,
         "shapes": rows,

@@ -35,9 +35,13 @@ def load_balancing_loss(
     return balancing_loss(probs, indices, num_experts)
 
 
-def balancing_loss(probs_TE: torch.Tensor, indices_Tk: torch.Tensor, num_experts: int):
-    """``load_balancing_loss`` without its checks: the layer's hot path (no host sync)."""
-    f_E = expert_counts(indices_Tk, num_experts).to(probs_TE.dtype) / indices_Tk.numel()
+def balancing_loss(probs_TE: torch.Tensor, indices_Tk: torch.Tensor, num_experts: int,
+                   counts_E: torch.Tensor | None = None):
+    """``load_balancing_loss`` without its checks: the layer's hot path (no host sync).
+    ``counts_E``: the assignments per expert in ``indices_Tk``, when the caller has them."""
+    if counts_E is None:
+        counts_E = expert_counts(indices_Tk, num_experts)
+    f_E = counts_E.to(probs_TE.dtype) / indices_Tk.numel()
     return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
 
 

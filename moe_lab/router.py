@@ -119,14 +119,15 @@ class Router(nn.Module):
         balance_TE = probs_TE
         if cfg.score == "sigmoid":  # balance over normalised affinities, as DeepSeek-V3 does
             balance_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
-        aux_loss = balancing_loss(balance_TE, indices_Tk, E)
+        requested_E = expert_counts(indices_Tk, E)  # counted once: the loss and the load
+        aux_loss = balancing_loss(balance_TE, indices_Tk, E, requested_E)
         keep_Tk, capacity = None, None
         if cfg.capacity_factor is not None:
             # GShard: capacity from the T tokens of this call; first choices queue first
             capacity = capacity_slots(T, E, cfg.top_k, cfg.capacity_factor)
             keep_Tk = expert_positions(indices_Tk, E) < capacity
         return _decision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE,
-                         aux_loss, requested=True)
+                         aux_loss, requested=True, requested_E=requested_E)
 
     def _expert_choice(self, logits_TE: torch.Tensor) -> RoutingDecision:
         """Zhou et al. (2022): each expert takes its top-C tokens; balanced by construction."""
@@ -151,9 +152,10 @@ class Router(nn.Module):
 
 
 def _decision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE, aux_loss, *,
-              requested: bool) -> RoutingDecision:
+              requested: bool, requested_E=None) -> RoutingDecision:
     """Fill in the statistics, as tensors (no host sync). ``requested``: every slot is an
-    assignment the router asked for, so an unkept one was dropped (top-k)."""
+    assignment the router asked for, so an unkept one was dropped (top-k). ``requested_E``:
+    the assignments per expert already counted, which are the load when all are kept."""
     E = probs_TE.shape[1]
     zero = torch.zeros((), dtype=torch.long, device=indices_Tk.device)
     if keep_Tk is None:
@@ -162,7 +164,10 @@ def _decision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE, au
         kept_Tk = indices_Tk.masked_fill(~keep_Tk, E)  # unkept slots counted in bin E
         dropped = (~keep_Tk).sum() if requested else zero
         unrouted = (~keep_Tk.any(1)).sum()
-    tokens_per_expert = expert_counts(kept_Tk, E)
+    if keep_Tk is None and requested_E is not None:
+        tokens_per_expert = requested_E
+    else:
+        tokens_per_expert = expert_counts(kept_Tk, E)
     return RoutingDecision(weights_Tk, indices_Tk, keep_Tk, capacity, logits_TE, probs_TE,
                            aux_loss, router_z_loss(logits_TE), tokens_per_expert, dropped,
                            unrouted)

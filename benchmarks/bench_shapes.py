@@ -86,31 +86,37 @@ class MatmulsOnly:
 
         self.x, self.g, self.h = rand(E, rows, D), rand(E, rows, D), rand(E, rows, F)
         self.w_gate, self.w_up, self.w_down = rand(E, D, F), rand(E, D, F), rand(E, F, D)
-        self.out_F, self.out_D = torch.empty(rows, F), torch.empty(rows, D)
-        self.grad_DF, self.grad_FD = torch.empty(D, F), torch.empty(F, D)
+        # every product writes its own output, as in a layer (a reused buffer would stay in
+        # cache and flatter the floor)
+        self.out_F = [torch.empty(E, rows, F) for _ in range(3)]
+        self.out_D = [torch.empty(E, rows, D) for _ in range(3)]
+        self.grad_DF = [torch.empty(E, D, F) for _ in range(2)]
+        self.grad_FD = torch.empty(E, F, D)
 
     def parameters(self):
         return []
 
     def forward_s(self) -> float:
+        (gate, up, _), (y, _, _) = self.out_F, self.out_D
         t0 = time.perf_counter()
-        for x, h, wg, wu, wd in zip(self.x, self.h, self.w_gate, self.w_up, self.w_down,
-                                    strict=True):
-            torch.mm(x, wg, out=self.out_F)
-            torch.mm(x, wu, out=self.out_F)
-            torch.mm(h, wd, out=self.out_D)
+        for e in range(len(self.x)):
+            torch.mm(self.x[e], self.w_gate[e], out=gate[e])
+            torch.mm(self.x[e], self.w_up[e], out=up[e])
+            torch.mm(self.h[e], self.w_down[e], out=y[e])
         return time.perf_counter() - t0
 
     def backward_s(self) -> float:
+        (_, _, g_h), (_, g_x1, g_x2) = self.out_F, self.out_D
+        g_gate, g_up = self.grad_DF
         t0 = time.perf_counter()
-        for x, g, h, wg, wu, wd in zip(self.x, self.g, self.h, self.w_gate, self.w_up,
-                                       self.w_down, strict=True):
-            torch.mm(g, wd.t(), out=self.out_F)
-            torch.mm(h.t(), g, out=self.grad_FD)
-            torch.mm(x.t(), h, out=self.grad_DF)
-            torch.mm(x.t(), h, out=self.grad_DF)
-            torch.mm(h, wu.t(), out=self.out_D)
-            torch.mm(h, wg.t(), out=self.out_D)
+        for e in range(len(self.x)):
+            x, g, h = self.x[e], self.g[e], self.h[e]
+            torch.mm(g, self.w_down[e].t(), out=g_h[e])
+            torch.mm(h.t(), g, out=self.grad_FD[e])
+            torch.mm(x.t(), h, out=g_gate[e])
+            torch.mm(x.t(), h, out=g_up[e])
+            torch.mm(h, self.w_up[e].t(), out=g_x1[e])
+            torch.mm(h, self.w_gate[e].t(), out=g_x2[e])
         return time.perf_counter() - t0
 
 

@@ -174,11 +174,22 @@ def _expert_backward(e, x_nD, g_nD, gate_nF, up_nF, weights, grads, *, w_n1=None
     return gx_nD
 
 
-def _zero_idle(e, grads) -> None:
-    """An expert with no rows gets a zero gradient for each of its weights."""
-    for g_w in grads:
-        if g_w is not None:
-            g_w[e].zero_()
+def _blocks(sizes, *buffers):
+    """Each (N, ...) buffer's per-expert row blocks, from one ``split`` per buffer rather than
+    a slice per expert in the loop (a missing buffer gives a list of None)."""
+    return [b.split(sizes) if b is not None else [None] * len(sizes) for b in buffers]
+
+
+def _weight_grads(weights, sizes):
+    """Gradients for the three (E, ...) weights, to be written per expert; an expert with no
+    rows gets zeros."""
+    grads = tuple(torch.empty_like(w) if w is not None else None for w in weights)
+    for e, n in enumerate(sizes):
+        if n == 0:
+            for g_w in grads:
+                if g_w is not None:
+                    g_w[e].zero_()
+    return grads
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -193,41 +204,36 @@ class _ExpertLoop(torch.autograd.Function):
         up_NF = x_ND.new_empty(N, w_up.shape[-1])
         gate_NF = torch.empty_like(up_NF) if swiglu else None
         y_ND = x_ND.new_empty(N, D)
-        start = 0
+        xs, ups, gates, ys = _blocks(sizes, x_ND, up_NF, gate_NF, y_ND)
+        w_gates = w_gate.unbind(0) if swiglu else None
+        w_ups, w_downs = w_up.unbind(0), w_down.unbind(0)
         for e, n in enumerate(sizes):
-            rows = slice(start, start + n)
-            start += n
             if n == 0:
                 continue
-            torch.mm(x_ND[rows], w_up[e], out=up_NF[rows])
+            torch.mm(xs[e], w_ups[e], out=ups[e])
             if swiglu:
-                torch.mm(x_ND[rows], w_gate[e], out=gate_NF[rows])
-                h_nF = F.silu(gate_NF[rows]) * up_NF[rows]
+                torch.mm(xs[e], w_gates[e], out=gates[e])
+                h_nF = F.silu(gates[e]).mul_(ups[e])
             else:
-                h_nF = F.gelu(up_NF[rows])
-            torch.mm(h_nF, w_down[e], out=y_ND[rows])
+                h_nF = F.gelu(ups[e])
+            torch.mm(h_nF, w_downs[e], out=ys[e])
         ctx.save_for_backward(x_ND, w_gate, w_up, w_down, gate_NF, up_NF)
-        ctx.sizes, ctx.swiglu = sizes, swiglu
+        ctx.sizes = sizes
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_ND):
         x_ND, w_gate, w_up, w_down, gate_NF, up_NF = ctx.saved_tensors
+        sizes, weights = ctx.sizes, (w_gate, w_up, w_down)
         g_ND = g_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)  # every row belongs to one expert: all written below
-        grads = (torch.empty_like(w_gate) if ctx.swiglu else None, torch.empty_like(w_up),
-                 torch.empty_like(w_down))
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            rows = slice(start, start + n)
-            start += n
-            if n == 0:
-                _zero_idle(e, grads)
-                continue
-            gate_nF = gate_NF[rows] if ctx.swiglu else None
-            _expert_backward(e, x_ND[rows], g_ND[rows], gate_nF, up_NF[rows],
-                             (w_gate, w_up, w_down), grads, gx_out=gx_ND[rows])
+        grads = _weight_grads(weights, sizes)
+        xs, gs, gxs, gates, ups = _blocks(sizes, x_ND, g_ND, gx_ND, gate_NF, up_NF)
+        for e, n in enumerate(sizes):
+            if n:
+                _expert_backward(e, xs[e], gs[e], gates[e], ups[e], weights, grads,
+                                 gx_out=gxs[e])
         return gx_ND, *grads, None, None
 
 
@@ -262,11 +268,9 @@ class _RoutedLoop(torch.autograd.Function):
         up_NF = x_TD.new_empty(N, w_up.shape[-1])
         gate_NF = torch.empty_like(up_NF) if swiglu else None
         y_TD = torch.zeros_like(x_TD)
-        # every expert's views made in one call each, not sliced in the loop
-        toks, ups, ws = token_of_N.split(sizes), up_NF.split(sizes), w_N.unsqueeze(-1).split(sizes)
-        gates = gate_NF.split(sizes) if swiglu else None
-        w_ups, w_downs = w_up.unbind(0), w_down.unbind(0)
+        toks, ups, gates, ws = _blocks(sizes, token_of_N, up_NF, gate_NF, w_N.unsqueeze(-1))
         w_gates = w_gate.unbind(0) if swiglu else None
+        w_ups, w_downs = w_up.unbind(0), w_down.unbind(0)
         for e, n in enumerate(sizes):
             if n == 0:
                 continue
@@ -279,7 +283,7 @@ class _RoutedLoop(torch.autograd.Function):
                 h_nF = F.gelu(ups[e])
             y_TD.index_add_(0, toks[e], torch.mm(h_nF, w_downs[e]).mul_(ws[e]))
         ctx.save_for_backward(x_TD, w_N, w_gate, w_up, w_down, token_of_N, gate_NF, up_NF)
-        ctx.sizes, ctx.swiglu = sizes, swiglu
+        ctx.sizes = sizes
         return y_TD
 
     @staticmethod
@@ -291,14 +295,11 @@ class _RoutedLoop(torch.autograd.Function):
         g_TD = g_TD.contiguous()
         gx_TD = torch.zeros_like(x_TD) if need_x else None
         gw_N = torch.empty_like(w_N) if need_w else None
-        grads = (torch.empty_like(w_gate) if ctx.swiglu else None, torch.empty_like(w_up),
-                 torch.empty_like(w_down))
-        toks, ups, ws = token_of_N.split(sizes), up_NF.split(sizes), w_N.unsqueeze(-1).split(sizes)
-        gates = gate_NF.split(sizes) if ctx.swiglu else [None] * len(sizes)
-        gws = gw_N.split(sizes) if need_w else [None] * len(sizes)
+        grads = _weight_grads((w_gate, w_up, w_down), sizes)
+        toks, ups, gates, ws, gws = _blocks(sizes, token_of_N, up_NF, gate_NF,
+                                            w_N.unsqueeze(-1), gw_N)
         for e, n in enumerate(sizes):
             if n == 0:
-                _zero_idle(e, grads)
                 continue
             gx_nD = _expert_backward(
                 e, x_TD.index_select(0, toks[e]), g_TD.index_select(0, toks[e]), gates[e],

@@ -11,6 +11,11 @@ price of routing, dispatch, many small expert matmuls and an optimizer step over
 parameters (timed apart: forward+backward, then AdamW). Variants run in rotation in one
 process (so machine load hits them alike); medians and the ratio to the dense median are saved,
 with the command line and the machine (load average included) before and after the timings.
+
+A variant named ``<variant>_fixed`` (e.g. ``fine_fixed``) is a diagnostic, not a model one
+would train: the variant's experts with the routing taken away (``FixedAssignment``). Its step
+prices the experts themselves (their small products, their optimizer state); its gap to the
+routed variant is what routing costs (router, sort, gathers and scatter-adds).
 """
 
 from __future__ import annotations
@@ -27,11 +32,56 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from moe_lab import MoE
 from moe_lab.data import get_batch, load_corpus
 from moe_lab.model import TinyLM
 from moe_lab.provenance import cpu_model, machine_record
 from moe_lab.train import make_config, make_optimizer
+
+
+class FixedAssignment(nn.Module):
+    """An MoE layer's experts with no router: every token goes to k experts fixed by its
+    position, all equally loaded, and gets the mean of their outputs.
+
+    The T tokens, repeated k times, are cut into E contiguous blocks of T*k/E rows, block e for
+    expert e (so each token reaches k distinct experts): no router, no sort, no gathers, and
+    the experts' own backend on balanced blocks. A diagnostic for the step benchmark only.
+    """
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        if moe.shared is not None:
+            raise ValueError("FixedAssignment takes an MoE without a shared expert")
+        self.experts, self.top_k = moe.experts, moe.cfg.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        D, E, k = x.shape[-1], self.experts.num_experts, self.top_k
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        if (T * k) % E or E % k:
+            raise ValueError(f"tokens * top_k = {T * k} must split into {E} blocks, "
+                             f"each within one copy of the tokens")
+        x_ND = x_TD.repeat(k, 1)  # row j*T + t: token t's j-th copy
+        counts_E = torch.full((E,), T * k // E, dtype=torch.long)
+        h_ND = self.experts.forward_sorted(x_ND, counts_E)
+        return h_ND.view(k, T, D).mean(0).view(x.shape)
+
+
+def build_model(config: str, variant: str):
+    """(TrainConfig, TinyLM) for a variant; ``<variant>_fixed`` swaps each MoE layer for its
+    ``FixedAssignment``."""
+    base = variant.removesuffix("_fixed")
+    cfg = make_config(config, base)
+    torch.manual_seed(0)
+    model = TinyLM(cfg.model)
+    if base != variant:
+        for block in model.blocks:
+            if not isinstance(block.ffn, MoE):
+                raise ValueError(f"{variant!r}: {base!r} has no MoE layers to fix")
+            block.ffn = FixedAssignment(block.ffn)
+    return cfg, model
 
 
 def command_line(argv: list[str] | None) -> str:
@@ -60,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = load_corpus(max_code_bytes=args.max_code_bytes)
     runs = {}
     for v in args.variants.split(","):
-        cfg = make_config(args.config, v)
-        torch.manual_seed(0)
-        model = TinyLM(cfg.model)
+        cfg, model = build_model(args.config, v)
         runs[v] = (cfg, model, make_optimizer(model, cfg), [])
     machine_start = machine_record()
     for rep in range(args.repeats + 2):  # the first two rounds are warm-up

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moe_lab import FFN, MoE, MoEConfig
-from moe_lab.provenance import machine_record
+from moe_lab.provenance import machine_record, quartiles
 
 SHAPES = [(8, 2, 1024), (16, 4, 512), (32, 4, 512), (64, 8, 256), (128, 8, 256), (256, 8, 128)]
 # (name, dispatcher, backend)
@@ -132,14 +132,6 @@ def time_one(module, x_TD, g_TD) -> tuple[float, float]:
     (y * g_TD).sum().backward()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
-
-
-def quartiles(values: list[float]) -> list[float]:
-    """First and third quartiles (inclusive method; one value gives itself twice)."""
-    if len(values) == 1:
-        return [values[0], values[0]]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return [q1, q3]
 
 
 def bench_shape(T, D, E, k, F, repeats, warmup, seed=0) -> dict:

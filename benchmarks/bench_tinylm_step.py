@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -37,7 +38,7 @@ from torch import nn
 from moe_lab import MoE
 from moe_lab.data import get_batch, load_corpus
 from moe_lab.model import TinyLM
-from moe_lab.provenance import cpu_model, machine_record
+from moe_lab.provenance import cpu_model, machine_record, quartiles
 from moe_lab.train import make_config, make_optimizer
 
 
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, model = build_model(args.config, v)
         runs[v] = (cfg, model, make_optimizer(model, cfg), [])
     machine_start = machine_record()
+    rng = random.Random(0)
     for rep in range(args.repeats + 2):  # the first two rounds are warm-up
-        for cfg, model, opt, times in runs.values():
+        order = list(runs)
+        rng.shuffle(order)  # no variant always runs first, or right after the same one
+        for cfg, model, opt, times in (runs[v] for v in order):
             x, y, _ = get_batch(corpus, "train", cfg.batch, seed=0, step=rep)
             t0 = time.perf_counter()
             loss = model(x, y).loss
@@ -146,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         # the ratio within each round (variants ran back to back), then its median
         "per_round_ratio_to_dense": {
             v: statistics.median(t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True))
+            for v, r in runs.items()
+        },
+        # the spread of those per-round ratios: first and third quartiles
+        "per_round_ratio_quartiles": {
+            v: quartiles([t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True)])
             for v, r in runs.items()
         },
         "command": command_line(argv),

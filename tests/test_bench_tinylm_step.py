@@ -16,8 +16,8 @@ def load_bench():
 def test_bench_short_preset_writes_result(tmp_path):
     out = tmp_path / "r.json"
     res = load_bench().main(
-        ["--config", "short", "--variants", "dense,moe8,moe8_fixed", "--threads", "1", "--repeats", "2",
-         "--max-code-bytes", "100000", "--out", str(out)]
+        ["--config", "short", "--variants", "dense,moe8,moe8_fixed", "--threads", "1",
+         "--repeats", "3", "--max-code-bytes", "100000", "--out", str(out)]
     )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
@@ -36,6 +36,8 @@ def test_bench_short_preset_writes_result(tmp_path):
         assert 0 < parts < step
         assert saved["median_optimizer_s"][v] > 0
         assert saved["ratio_to_dense"][v] == pytest.approx(step / saved["median_step_s"]["dense"])
+        q1, q3 = saved["per_round_ratio_quartiles"][v]
+        assert q1 <= saved["per_round_ratio_to_dense"][v] <= q3
 
 
 def test_fixed_assignment_is_each_tokens_k_experts_averaged():

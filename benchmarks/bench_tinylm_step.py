@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     machine_end = machine_record()
     med = {v: [statistics.median(t[i] for t in r[3]) for i in range(3)] for v, r in runs.items()}
     base = med["dense"][0]
-    dense_times = runs["dense"][3]
+    # each round's step time over dense's in that round (variants ran back to back)
+    per_round = {v: [t[0] / d[0] for t, d in zip(r[3], runs["dense"][3], strict=True)]
+                 for v, r in runs.items()}
     result = {
         "config": args.config,
         "threads": args.threads,
@@ -147,16 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         "median_fwd_bwd_s": {v: m[1] for v, m in med.items()},
         "median_optimizer_s": {v: m[2] for v, m in med.items()},
         "ratio_to_dense": {v: m[0] / base for v, m in med.items()},
-        # the ratio within each round (variants ran back to back), then its median
-        "per_round_ratio_to_dense": {
-            v: statistics.median(t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True))
-            for v, r in runs.items()
-        },
-        # the spread of those per-round ratios: first and third quartiles
-        "per_round_ratio_quartiles": {
-            v: quartiles([t[0] / d[0] for t, d in zip(r[3], dense_times, strict=True)])
-            for v, r in runs.items()
-        },
+        # the per-round ratios' median and spread (first and third quartiles)
+        "per_round_ratio_to_dense": {v: statistics.median(r) for v, r in per_round.items()},
+        "per_round_ratio_quartiles": {v: quartiles(r) for v, r in per_round.items()},
         "command": command_line(argv),
         "machine_start": machine_start,
         "machine_end": machine_end,
